@@ -1,0 +1,116 @@
+"""An adapter file as layers: file → keys grouped by module → one patch per module."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .algorithms import ALGORITHM_NAMES, LayerPatch, detect, kind_name
+from .errors import AdapterError, ShapeMismatch
+from .files import Header, load_tensors, read_header
+from .keys import group_keys, key_format
+from .naming.families import detect_family
+
+SHOWN_METADATA_PREFIXES = ("ss_", "modelspec.", "sshs_", "ssmd_")
+SHOWN_METADATA_KEYS = ("lora_adapter_metadata", "format")
+BUNDLED_EMBEDDING_PREFIX = "bundle_emb."
+
+
+@dataclass
+class Adapter:
+    """A loaded adapter: its layers (module key as in the file → patch), metadata and what could not be placed."""
+
+    path: str
+    metadata: dict[str, str]
+    layers: dict[str, LayerPatch]
+    unmatched: list[str] = field(default_factory=list)
+    key_format: str = "unknown"
+    family: str = "unknown"
+    header: Header | None = None
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).stem
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Adapter":
+        """Read, detect and validate; raises AdapterError naming the file and the reason."""
+        path = str(path)
+        header, tensors = load_tensors(path, read_header(path))
+        return cls.from_tensors(tensors, header.metadata, path, header)
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                     path: str = "<memory>", header: Header | None = None) -> "Adapter":
+        metadata = metadata or {}
+        for name, t in tensors.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise AdapterError(path, f"tensor {name!r} contains NaN or Inf values")
+        groups, unmatched = group_keys(tensors)
+        layers: dict[str, LayerPatch] = {}
+        for module, params in groups.items():
+            try:
+                patch, unused = detect(params)
+            except ShapeMismatch as e:
+                raise AdapterError(path, f"layer {module!r}: {e}") from None
+            if patch is None:
+                unmatched.extend(f"{module}.{p}" for p in unused)
+                continue
+            layers[module] = patch
+            unmatched.extend(f"{module}.{p}" for p in unused)
+        if not layers:
+            what = "no tensors" if not tensors else f"{len(tensors)} tensors, none with a known adapter key signature"
+            raise AdapterError(path, f"not an adapter: {what} (is it a checkpoint or an embedding?)")
+        unmatched = sorted(k for k in unmatched if not k.startswith(BUNDLED_EMBEDDING_PREFIX))
+        family = detect_family({k: p.in_dim for k, p in layers.items()}, metadata)
+        return cls(path, metadata, layers, unmatched, key_format(list(tensors)), family, header)
+
+    def algorithms(self) -> dict[str, int]:
+        """Algorithm name → number of layers."""
+        counts = Counter(kind_name(p) for p in self.layers.values())
+        return {name: counts[name] for name in ALGORITHM_NAMES if counts[name]}
+
+    def ranks(self) -> dict[str, int]:
+        """Rank → number of layers with that rank."""
+        counts = Counter(p.rank for p in self.layers.values() if p.rank is not None)
+        return {str(r): n for r, n in sorted(counts.items())}
+
+    def alphas(self) -> dict[str, int]:
+        counts = Counter(p.alpha for p in self.layers.values() if p.alpha is not None)
+        return {f"{a:g}": n for a, n in sorted(counts.items())}
+
+    def shown_metadata(self) -> dict[str, object]:
+        """The training metadata worth showing, JSON-valued entries parsed."""
+        shown = {}
+        for k, v in sorted(self.metadata.items()):
+            if k.startswith(SHOWN_METADATA_PREFIXES) or k in SHOWN_METADATA_KEYS:
+                if k == "modelspec.thumbnail":
+                    v = f"<{len(v)} characters of image data>"
+                elif isinstance(v, str) and v[:1] in "{[":
+                    try:
+                        v = json.loads(v)
+                    except json.JSONDecodeError:
+                        pass
+                shown[k] = v
+        return shown
+
+    def summary(self) -> dict:
+        """The `inspect --json` object."""
+        ranks = self.ranks()
+        return {
+            "file": self.path,
+            "algorithms": self.algorithms(),
+            "dora": any(p.dora for p in self.layers.values()),
+            "family": self.family,
+            "key_format": self.key_format,
+            "layers": len(self.layers),
+            "rank": {"min": min(map(int, ranks)), "max": max(map(int, ranks)), "counts": ranks} if ranks else None,
+            "alpha": self.alphas() or None,
+            "metadata": self.shown_metadata(),
+            "unmatched": self.unmatched,
+        }

@@ -1,0 +1,129 @@
+"""What every layer patch offers, and the small helpers their math shares.
+
+A patch is built from one layer's tensors by its algorithm's `from_params` (None when the signature does not
+match) and answers one question: given the current weight (and bias) and a strength, what is the new weight.
+Math runs in float32, or float64 when the weight is float64; callers cast the result back.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from ..errors import ShapeMismatch
+
+Params = dict[str, Tensor]
+
+
+def compute_dtype(weight: Tensor) -> torch.dtype:
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+def as_float(t: Tensor | None) -> float | None:
+    """A scalar tensor of any dtype and shape () or (1,) as a Python float."""
+    if t is None:
+        return None
+    if t.numel() != 1:
+        raise ShapeMismatch(f"expected a scalar, got shape {list(t.shape)}")
+    return float(t.reshape(-1)[0].to(torch.float64))
+
+
+def flat(t: Tensor) -> Tensor:
+    """(O, I, kh, kw) → (O, I·kh·kw) in PyTorch's own memory order."""
+    return t.reshape(t.shape[0], -1)
+
+
+def rank_scale(alpha: float | None, rank: int | None, explicit_scale: float | None = None) -> float:
+    """alpha / rank; a missing or zero alpha means 1 (as the trainers store it), an explicit `scale` key wins."""
+    if explicit_scale is not None:
+        return explicit_scale
+    if alpha is None or rank is None or alpha == 0:
+        return 1.0
+    return alpha / rank
+
+
+def check_numel(delta: Tensor, weight_shape: torch.Size, what: str) -> None:
+    if delta.numel() != math.prod(weight_shape):
+        raise ShapeMismatch(f"{what} has {tuple(delta.shape)} elements' worth {delta.numel()}, the weight is {tuple(weight_shape)}")
+
+
+def tucker(core: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """M[o,i,h,w] = Σ_{p,q} core[p,q,h,w] · a[p,o] · b[q,i] (LoHa/LoKr Tucker, LoRA mid with a = upᵀ)."""
+    return torch.einsum("pqhw,po,qi->oihw", core, a, b)
+
+
+@dataclass
+class LayerPatch:
+    """One adapter layer's effect on one weight."""
+
+    kind: ClassVar[str] = "?"
+    consumes: ClassVar[tuple[str, ...]] = ()
+
+    def merge(self, weight: Tensor, strength: float, bias: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """New (weight, bias) at `strength`, in the compute dtype of `weight`."""
+        raise NotImplementedError
+
+    @property
+    def rank(self) -> int | None:
+        return None
+
+    @property
+    def alpha(self) -> float | None:
+        return None
+
+    @property
+    def dora(self) -> bool:
+        return False
+
+    @property
+    def out_dim(self) -> int | None:
+        """Output rows this patch expects, where its tensors tell; None where they do not."""
+        return None
+
+    @property
+    def in_dim(self) -> int | None:
+        """Input width (channels) this patch was trained on, where its tensors tell."""
+        return None
+
+    def check(self, weight: Tensor) -> None:
+        """Refuse a weight whose output rows differ from the patch's."""
+        if self.out_dim is not None and self.out_dim != weight.shape[0]:
+            raise ShapeMismatch(f"{self.kind} patch has {self.out_dim} output rows, the weight is {list(weight.shape)}")
+
+    def tensors(self) -> list[Tensor]:
+        return [v for v in vars(self).values() if isinstance(v, Tensor)]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+@dataclass
+class DeltaPatch(LayerPatch):
+    """Additive patches: W' = W + s·ΔW (ΔW may read W, as GLoRA does), b' = b + s·Δb."""
+
+    def delta(self, weight: Tensor) -> Tensor:
+        """ΔW shaped like `weight`, in its compute dtype, scale included."""
+        raise NotImplementedError
+
+    def delta_bias(self, bias: Tensor | None) -> Tensor | None:
+        return None
+
+    def merge(self, weight, strength, bias=None):
+        self.check(weight)
+        cd = compute_dtype(weight)
+        w = weight.to(cd)
+        new_w = w + strength * self.delta(w) if strength != 0 else w
+        db = self.delta_bias(bias)
+        new_b = bias
+        if db is not None and bias is not None and strength != 0:
+            new_b = bias.to(cd) + strength * db.to(device=bias.device, dtype=cd).reshape(bias.shape)
+        return new_w, new_b
+
+
+def fetch(t: Tensor, like: Tensor) -> Tensor:
+    """A patch tensor on the weight's device in its compute dtype."""
+    return t.to(device=like.device, dtype=compute_dtype(like))

@@ -1,0 +1,72 @@
+"""BOFT (LyCORIS butterfly OFT): `oft_blocks (m, n, b, b)`, m stages each rotating n groups of b rows.
+
+Stage i pairs rows 2^i·b/2 apart (a butterfly permutation), rotates each group by R_i (not transposed, unlike
+diag-OFT), and undoes the permutation. Strength as LyCORIS: every stage uses I + s·(R_i − I); `rescale` is blended
+like OFT's, so strength 0 is the identity. Constraint c = alpha·O over all blocks of all stages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..errors import ShapeMismatch
+from .base import LayerPatch, Params, as_float, compute_dtype, fetch
+from .oft import blend_rescale, cayley
+
+
+def butterfly(weight: Tensor, rotations: Tensor) -> Tensor:
+    """Apply the m butterfly stages `rotations (m, n, b, b)` to the rows of `weight`."""
+    m, n, b, _ = rotations.shape
+    rows, rest = weight.shape[0], weight.shape[1:]
+    x = weight
+    for i in range(m):
+        k = (2**i) * (b // 2)
+        x = x.reshape(rows // (2 * k), 2, k, *rest).transpose(1, 2).reshape(n, b, *rest)
+        x = torch.einsum("nij,nj...->ni...", rotations[i], x)
+        x = x.reshape(rows // (2 * k), k, 2, *rest).transpose(1, 2).reshape(rows, *rest)
+    return x
+
+
+@dataclass
+class BOFTPatch(LayerPatch):
+    kind = "boft"
+    consumes = ("oft_blocks", "boft_blocks", "alpha", "rescale")
+
+    blocks: Tensor
+    constraint_alpha: float = 0.0
+    rescale: Tensor | None = None
+
+    @classmethod
+    def from_params(cls, p: Params) -> "BOFTPatch | None":
+        b = p.get("oft_blocks", p.get("boft_blocks"))
+        if b is None or b.ndim != 4:
+            return None
+        m, n, size, size2 = b.shape
+        if size != size2 or size % 2 or n & (n - 1) or 2 ** (m - 1) > n:
+            raise ShapeMismatch(f"BOFT blocks {list(b.shape)} are not a butterfly (square even blocks, 2^(m-1) ≤ n, n a power of 2)")
+        return cls(b, as_float(p.get("alpha")) or 0.0, p.get("rescale"))
+
+    @property
+    def out_dim(self):
+        return int(self.blocks.shape[1] * self.blocks.shape[2])
+
+    @property
+    def block_size(self) -> int:
+        return int(self.blocks.shape[2])
+
+    def merge(self, weight, strength, bias=None):
+        self.check(weight)
+        cd = compute_dtype(weight)
+        w = weight.to(cd)
+        if strength == 0:
+            return w, bias
+        r = cayley(fetch(self.blocks, w), self.constraint_alpha * self.out_dim)
+        eye = torch.eye(r.shape[-1], dtype=cd, device=w.device)
+        out = butterfly(w, eye + strength * (r - eye))
+        scale = blend_rescale(self.rescale, strength, w)
+        if scale is not None:
+            out = out * scale.reshape(-1, *[1] * (w.ndim - 1))
+        return out, bias

@@ -1,0 +1,41 @@
+"""Full diff: W' = W + s·diff, b' = b + s·diff_b."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from ..errors import ShapeMismatch
+from .base import DeltaPatch, Params, fetch
+
+
+@dataclass
+class FullPatch(DeltaPatch):
+    kind = "full"
+    consumes = ("diff", "diff_b")
+
+    diff: Tensor
+    diff_b: Tensor | None = None
+
+    @classmethod
+    def from_params(cls, p: Params) -> "FullPatch | None":
+        return cls(p["diff"], p.get("diff_b")) if "diff" in p else None
+
+    @property
+    def out_dim(self):
+        return int(self.diff.shape[0]) if self.diff.ndim else None
+
+    @property
+    def in_dim(self):
+        return int(self.diff.shape[1]) if self.diff.ndim > 1 else None
+
+    def delta(self, weight):
+        if self.diff.numel() != weight.numel():
+            raise ShapeMismatch(f"diff is {list(self.diff.shape)}, the weight is {list(weight.shape)}")
+        return fetch(self.diff, weight).reshape(weight.shape)
+
+    def delta_bias(self, bias):
+        if self.diff_b is not None and bias is not None and self.diff_b.numel() != bias.numel():
+            raise ShapeMismatch(f"diff_b is {list(self.diff_b.shape)}, the bias is {list(bias.shape)}")
+        return self.diff_b

@@ -1,0 +1,75 @@
+"""LoHa: ΔW = γ · (w1_a @ w1_b) ⊙ (w2_a @ w2_b), or the Tucker form with `hada_t1/t2`; γ = alpha / rank."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from ..errors import ShapeMismatch
+from .base import DeltaPatch, Params, as_float, fetch, rank_scale, tucker
+
+SIGNATURE = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+
+
+@dataclass
+class LoHaPatch(DeltaPatch):
+    kind = "loha"
+    consumes = SIGNATURE + ("hada_t1", "hada_t2", "alpha", "scale")
+
+    w1a: Tensor
+    w1b: Tensor
+    w2a: Tensor
+    w2b: Tensor
+    t1: Tensor | None = None
+    t2: Tensor | None = None
+    alpha_value: float | None = None
+    scale_override: float | None = None
+
+    @classmethod
+    def from_params(cls, p: Params) -> "LoHaPatch | None":
+        if not all(k in p for k in SIGNATURE):
+            return None
+        w1a, w1b, w2a, w2b = (p[k] for k in SIGNATURE)
+        t1, t2 = p.get("hada_t1"), p.get("hada_t2")
+        if (t1 is None) != (t2 is None):
+            raise ShapeMismatch("LoHa Tucker form needs both hada_t1 and hada_t2")
+        r = w1b.shape[0]
+        if t1 is None:
+            ok = w1a.shape[1] == r and w2a.shape[1] == w2b.shape[0] and w1a.shape[0] == w2a.shape[0] \
+                and w1b.reshape(r, -1).shape[1] == w2b.reshape(w2b.shape[0], -1).shape[1]
+        else:
+            ok = w1a.shape[0] == r and t1.shape[:2] == (r, r) and t2.shape[0] == w2a.shape[0] == w2b.shape[0] \
+                and w1a.shape[1] == w2a.shape[1] and w1b.shape[1] == w2b.shape[1]
+        if not ok:
+            raise ShapeMismatch("LoHa factors have inconsistent shapes: " + ", ".join(
+                f"{k} {list(p[k].shape)}" for k in SIGNATURE))
+        return cls(w1a, w1b, w2a, w2b, t1, t2, as_float(p.get("alpha")), as_float(p.get("scale")))
+
+    @property
+    def rank(self):
+        return int(self.w1b.shape[0])
+
+    @property
+    def alpha(self):
+        return self.alpha_value
+
+    @property
+    def out_dim(self):
+        return int(self.w1a.shape[1] if self.t1 is not None else self.w1a.shape[0])
+
+    @property
+    def in_dim(self):
+        return int(self.w1b.shape[1])
+
+    def delta(self, weight: Tensor) -> Tensor:
+        f = lambda t: fetch(t, weight)  # noqa: E731
+        if self.t1 is not None:
+            m1 = tucker(f(self.t1), f(self.w1a), f(self.w1b).reshape(self.w1b.shape[0], -1))
+            m2 = tucker(f(self.t2), f(self.w2a), f(self.w2b).reshape(self.w2b.shape[0], -1))
+            d = m1 * m2
+        else:
+            d = (f(self.w1a) @ f(self.w1b).reshape(self.rank, -1)) * (f(self.w2a) @ f(self.w2b).reshape(self.w2b.shape[0], -1))
+        if d.numel() != weight.numel():
+            raise ShapeMismatch(f"LoHa gives {tuple(d.shape)}, the weight is {list(weight.shape)}")
+        return d.reshape(weight.shape) * rank_scale(self.alpha_value, self.rank, self.scale_override)

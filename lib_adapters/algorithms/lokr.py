@@ -1,0 +1,107 @@
+"""LoKr: ΔW = γ · w1 ⊗ w2, each factor full or split (`_a @ _b`), w2 optionally Tucker (`lokr_t2`).
+
+The factor sizes (O = a·b, I = c·d) come from the shapes; γ = alpha / rank when a factor is split
+(rank of w2's split if any, else w1's), else 1 — LyCORIS, A1111, ComfyUI and Forge agree (PEFT differs, D7).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..errors import ShapeMismatch
+from .base import DeltaPatch, Params, as_float, fetch, rank_scale, tucker
+
+
+@dataclass
+class LoKrPatch(DeltaPatch):
+    kind = "lokr"
+    consumes = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha", "scale")
+
+    w1: Tensor | None = None
+    w1a: Tensor | None = None
+    w1b: Tensor | None = None
+    w2: Tensor | None = None
+    w2a: Tensor | None = None
+    w2b: Tensor | None = None
+    t2: Tensor | None = None
+    alpha_value: float | None = None
+    scale_override: float | None = None
+
+    @classmethod
+    def from_params(cls, p: Params) -> "LoKrPatch | None":
+        has1 = "lokr_w1" in p or ("lokr_w1_a" in p and "lokr_w1_b" in p)
+        has2 = "lokr_w2" in p or ("lokr_w2_a" in p and "lokr_w2_b" in p)
+        if not (has1 and has2):
+            return None
+        patch = cls(p.get("lokr_w1"), p.get("lokr_w1_a"), p.get("lokr_w1_b"), p.get("lokr_w2"),
+                    p.get("lokr_w2_a"), p.get("lokr_w2_b"), p.get("lokr_t2"),
+                    as_float(p.get("alpha")), as_float(p.get("scale")))
+        patch._validate()
+        return patch
+
+    def _validate(self) -> None:
+        try:
+            if self.w1 is None:
+                assert self.w1a.shape[1] == self.w1b.shape[0]
+            if self.w2 is None:
+                if self.t2 is not None:
+                    assert self.t2.shape[:2] == (self.w2a.shape[0], self.w2b.shape[0])
+                else:
+                    assert self.w2a.shape[1] == self.w2b.shape[0]
+        except AssertionError:
+            shapes = {k: list(v.shape) for k, v in vars(self).items() if isinstance(v, Tensor)}
+            raise ShapeMismatch(f"LoKr factors have inconsistent shapes: {shapes}") from None
+
+    @property
+    def rank(self):
+        if self.w2b is not None:
+            return int(self.w2b.shape[0])
+        if self.w1b is not None:
+            return int(self.w1b.shape[0])
+        return None
+
+    @property
+    def alpha(self):
+        return self.alpha_value
+
+    @property
+    def factors(self) -> tuple[int, int]:
+        """(a, b) with O = a·b: rows of w1 and of w2."""
+        a = (self.w1 if self.w1 is not None else self.w1a).shape[0]
+        if self.w2 is not None:
+            b = self.w2.shape[0]
+        else:
+            b = self.w2a.shape[1] if self.t2 is not None else self.w2a.shape[0]
+        return int(a), int(b)
+
+    @property
+    def out_dim(self):
+        a, b = self.factors
+        return a * b
+
+    @property
+    def in_dim(self):
+        c = (self.w1 if self.w1 is not None else self.w1b).shape[1]
+        d = (self.w2 if self.w2 is not None else self.w2b).shape[1]
+        return int(c * d)
+
+    def delta(self, weight: Tensor) -> Tensor:
+        f = lambda t: fetch(t, weight)  # noqa: E731
+        w1 = f(self.w1) if self.w1 is not None else f(self.w1a) @ f(self.w1b)
+        if self.w2 is not None:
+            w2 = f(self.w2)
+        elif self.t2 is not None:
+            w2 = tucker(f(self.t2), f(self.w2a), f(self.w2b))
+        else:
+            w2 = f(self.w2a) @ f(self.w2b)
+        if w2.ndim == 4:
+            w1 = w1[:, :, None, None]
+        elif w2.ndim != 2:
+            w2 = w2.reshape(w2.shape[0], -1)
+        d = torch.kron(w1, w2)
+        if d.numel() != weight.numel():
+            raise ShapeMismatch(f"LoKr gives {tuple(d.shape)}, the weight is {list(weight.shape)}")
+        return d.reshape(weight.shape) * rank_scale(self.alpha_value, self.rank, self.scale_override)
