@@ -1,0 +1,63 @@
+import pytest
+
+from lib_adapters.errors import AdapterError
+from lib_adapters.tags import combine, parse_prompt, parse_tag, strengths
+
+
+def test_one_number_sets_both_strengths():
+    t = parse_tag("style:0.7")
+    assert (t.name, t.unet, t.te, t.positional) == ("style", 0.7, 0.7, 1)
+
+
+def test_two_numbers_are_unet_then_te_by_default():
+    t = parse_tag("style:0.7:0.2")
+    assert (t.unet, t.te) == (0.7, 0.2)
+
+
+def test_builtin_order_reads_te_then_unet():
+    t = parse_tag("style:0.7:0.2", order="te,unet")
+    assert (t.unet, t.te) == (0.2, 0.7)
+
+
+def test_named_strength_overrides_only_its_part():
+    t = parse_tag("style:0.8:te=0")
+    assert (t.unet, t.te) == (0.8, 0.0)
+    t = parse_tag("style:unet=0.3")
+    assert (t.unet, t.te) == (0.3, 1.0)
+
+
+def test_no_number_uses_the_default_multiplier():
+    assert (parse_tag("style", default=0.6).unet, parse_tag("style", default=0.6).te) == (0.6, 0.6)
+
+
+def test_dyn_is_accepted_and_reported():
+    t = parse_tag("style:1:dyn=8")
+    assert t.unet == 1 and "dyn=8" in t.notices[0]
+
+
+@pytest.mark.parametrize("body, reason", [
+    ("style:abc", "not a number"),
+    ("style:1:2:3", "at most two"),
+    (":1", "no adapter name"),
+    ("style:foo=1", "unknown argument"),
+])
+def test_malformed_tags_name_the_tag_and_reason(body, reason):
+    with pytest.raises(AdapterError) as e:
+        parse_tag(body)
+    assert reason in str(e.value) and f"<lora:{body}>" in str(e.value)
+
+
+def test_prompt_tags_are_removed_and_kept_in_order():
+    text, tags = parse_prompt("a cat <lora:a:1> on a mat <lyco:b:0.5:0>")
+    assert text == "a cat  on a mat"
+    assert [(t.name, t.unet, t.te) for t in tags] == [("a", 1.0, 1.0), ("b", 0.5, 0.0)]
+
+
+def test_same_adapter_twice_sums_strengths():
+    merged = combine([parse_tag("a:0.5:0.1"), parse_tag("b:1"), parse_tag("A:0.25")])
+    assert [(t.name, t.unet, t.te) for t in merged] == [("a", 0.75, 0.35), ("b", 1.0, 1.0)]
+
+
+def test_strengths_rejects_unknown_order():
+    with pytest.raises(ValueError):
+        strengths(["1"], order="clip,unet")
