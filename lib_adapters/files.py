@@ -58,9 +58,17 @@ class Header:
     extra: dict = field(default_factory=dict)
 
 
-def _refuse_pickles(path: str, head: bytes) -> None:
-    suffix = Path(path).suffix.lower()
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80" or suffix in PICKLE_SUFFIXES:
+def _refuse_pickles(path: str, head: bytes, size: int) -> None:
+    """Refuse torch.save zips and raw pickles by their content (and pickle suffixes), never by one byte alone.
+
+    A safetensors file starts with its header length and then `{`; its first byte may well be 0x80 (a header of
+    128 + 256k bytes), so that alone never marks a pickle.
+    """
+    if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8:
+        return
+    zipped = head[:4] == b"PK\x03\x04"
+    pickled = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    if zipped or pickled or Path(path).suffix.lower() in PICKLE_SUFFIXES:
         raise AdapterError(
             path,
             "is a pickled PyTorch file (.pt/.ckpt); only .safetensors files are loaded, "
@@ -75,8 +83,9 @@ def read_header(path: str | os.PathLike) -> Header:
         size = os.path.getsize(path)
         mtime = os.path.getmtime(path)
         with open(path, "rb") as f:
-            head = f.read(8)
-            _refuse_pickles(path, head)
+            head = f.read(9)
+            _refuse_pickles(path, head, size)
+            head = head[:8]
             if len(head) < 8:
                 raise AdapterError(path, f"truncated: the file has {size} bytes, fewer than the 8-byte header length")
             (n,) = struct.unpack("<Q", head)
@@ -84,6 +93,7 @@ def read_header(path: str | os.PathLike) -> Header:
                 raise AdapterError(path, f"truncated or not safetensors: header length {n} exceeds the file size {size}")
             if n > MAX_HEADER:
                 raise AdapterError(path, f"not safetensors: header length {n} is implausibly large")
+            f.seek(8)
             raw = f.read(n)
     except OSError as e:
         raise AdapterError(path, f"cannot be read: {e.strerror or e}") from None

@@ -40,7 +40,7 @@ SUFFIXES = sorted(SPELLINGS, key=len, reverse=True)
 # Parameters that only count beside other adapter parameters of the same module.
 COMPANION_ONLY = {"weight", "bias"}
 
-_PEFT_ADAPTER_NAME = re.compile(r"\.(lora_[AB]|lora_magnitude_vector)\.default(?=\.weight$|$)")
+_PEFT_ADAPTER_NAME = re.compile(r"\.(lora_[AB]|lora_magnitude_vector|hada_\w+|lokr_\w+)\.default(?=\.weight$|$)")
 _PROCESSOR = re.compile(r"^(.*?)\.(?:processor\.)?(to_q|to_k|to_v|to_out)_lora\.(up|down)\.weight$")
 _TE_PROCESSOR = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 

@@ -1,4 +1,8 @@
-"""LoHa: ΔW = γ · (w1_a @ w1_b) ⊙ (w2_a @ w2_b), or the Tucker form with `hada_t1/t2`; γ = alpha / rank."""
+"""LoHa: ΔW = γ · (w1_a @ w1_b) ⊙ (w2_a @ w2_b), or the Tucker form with `hada_t1/t2`; γ = alpha / rank.
+
+This equals the LyCORIS forward pass, not LyCORIS `merge_to`/`get_merged_weight`, which apply γ twice
+(formats.md §8 D1).
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
 """LoKr: ΔW = γ · w1 ⊗ w2, each factor full or split (`_a @ _b`), w2 optionally Tucker (`lokr_t2`).
 
 The factor sizes (O = a·b, I = c·d) come from the shapes; γ = alpha / rank when a factor is split
-(rank of w2's split if any, else w1's), else 1 — LyCORIS, A1111, ComfyUI and Forge agree (PEFT differs, D7).
+(rank of w2's split if any, else w1's), else 1 — LyCORIS, A1111, ComfyUI and Forge agree (PEFT differs, D7:
+a PEFT config in the file's metadata supplies alpha / r there, see adapter.apply_peft_config). Like LoHa, this is
+the LyCORIS forward, not its `merge_to` (γ applied twice, formats.md §8 D1).
 """
 
 from __future__ import annotations
@@ -13,6 +15,13 @@ from torch import Tensor
 
 from ..errors import ShapeMismatch
 from .base import DeltaPatch, Params, as_float, fetch, rank_scale, tucker
+
+
+def kron(w1: Tensor, w2: Tensor) -> Tensor:
+    """w1 (a, c) ⊗ w2 (b, d, …) → (a·b, c·d, …) by einsum (torch.kron fails on non-contiguous Tucker w2)."""
+    a, c = w1.shape
+    b, d = w2.shape[:2]
+    return torch.einsum("ac,bd...->abcd...", w1, w2).reshape(a * b, c * d, *w2.shape[2:])
 
 
 @dataclass
@@ -97,11 +106,7 @@ class LoKrPatch(DeltaPatch):
             w2 = tucker(f(self.t2), f(self.w2a), f(self.w2b))
         else:
             w2 = f(self.w2a) @ f(self.w2b)
-        if w2.ndim == 4:
-            w1 = w1[:, :, None, None]
-        elif w2.ndim != 2:
-            w2 = w2.reshape(w2.shape[0], -1)
-        d = torch.kron(w1, w2)
+        d = kron(w1.reshape(w1.shape[0], -1), w2)
         if d.numel() != weight.numel():
             raise ShapeMismatch(f"LoKr gives {tuple(d.shape)}, the weight is {list(weight.shape)}")
         return d.reshape(weight.shape) * rank_scale(self.alpha_value, self.rank, self.scale_override)

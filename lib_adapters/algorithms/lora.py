@@ -17,6 +17,22 @@ from .base import DeltaPatch, Params, as_float, fetch, flat, rank_scale, tucker
 SIGNATURE = ("lora_up.weight", "lora_down.weight")
 
 
+def densify_residual(p: Params) -> Tensor:
+    """The LyCORIS extractor's sparse residual (`bias_indices` (2, nnz), `bias_values` (nnz,), `bias_size` (2,))
+    as a dense (O, I·k) tensor; indices are checked first (an out-of-range index would write out of bounds)."""
+    if "bias_values" not in p or "bias_size" not in p:
+        raise ShapeMismatch("sparse residual needs bias_indices, bias_values and bias_size together")
+    indices, values = p["bias_indices"].long(), p["bias_values"].float().reshape(-1)
+    size = [int(v) for v in p["bias_size"].reshape(-1).tolist()]
+    if len(size) != 2 or min(size) < 0 or indices.ndim != 2 or indices.shape != (2, values.numel()):
+        raise ShapeMismatch(f"sparse residual: indices {list(indices.shape)}, values {list(values.shape)}, size {size}")
+    if indices.numel() and (bool((indices < 0).any()) or bool((indices.max(dim=1).values >= torch.tensor(size)).any())):
+        raise ShapeMismatch(f"sparse residual indices fall outside its size {size}")
+    dense = torch.zeros(size, dtype=torch.float32)
+    dense.index_put_((indices[0], indices[1]), values, accumulate=True)
+    return dense
+
+
 @dataclass
 class LoRAPatch(DeltaPatch):
     kind = "lora"
@@ -42,8 +58,7 @@ class LoRAPatch(DeltaPatch):
             raise ShapeMismatch(f"lora_mid {list(mid.shape)} does not fit rank {r}")
         extra = p.get("bias")
         if "bias_indices" in p:
-            size = [int(v) for v in p["bias_size"].reshape(-1).tolist()]
-            extra = torch.sparse_coo_tensor(p["bias_indices"].long(), p["bias_values"].float(), size).to_dense()
+            extra = densify_residual(p)
         return cls(up, down, mid, as_float(p.get("alpha")), as_float(p.get("scale")), extra)
 
     @property
