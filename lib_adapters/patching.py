@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .algorithms import LayerPatch
 from .algorithms.base import compute_dtype
+from .errors import AdapterError, ShapeMismatch
 
 
 @dataclass(frozen=True)
@@ -102,15 +103,20 @@ def compute(ops: list[Operation], weight: Tensor, bias: Tensor | None) -> tuple[
     for op in ops:
         if op.strength == 0:
             continue
-        if op.target.rows is None:
-            w, b = op.patch.merge(w, op.strength, b)
-        else:
-            lo, hi = op.target.rows
-            sub_b = b[lo:hi] if b is not None else None
-            new_w, new_b = op.patch.merge(w[lo:hi], op.strength, sub_b)
-            w[lo:hi] = new_w
-            if new_b is not None and b is not None:
-                b[lo:hi] = new_b
+        try:
+            if op.target.rows is None:
+                w, b = op.patch.merge(w, op.strength, b)
+            else:
+                lo, hi = op.target.rows
+                sub_b = b[lo:hi] if b is not None else None
+                new_w, new_b = op.patch.merge(w[lo:hi], op.strength, sub_b)
+                w[lo:hi] = new_w
+                if new_b is not None and b is not None:
+                    b[lo:hi] = new_b
+        except ShapeMismatch as e:
+            path, _, rest = op.source.partition("|")
+            raise AdapterError(path, f"layer {rest.rpartition('|')[2] or op.target.weight!r} does not fit "
+                                     f"{op.target.weight}: {e}") from None
     return w, b
 
 
@@ -135,7 +141,11 @@ class Patcher:
         self.store.set(name, value.to(device=current.device, dtype=current.dtype))
 
     def reconcile(self, plan: Plan) -> dict[str, int]:
-        """Make the store equal originals + `plan`; returns counts of recomputed, restored and kept weights."""
+        """Make the store equal originals + `plan`; returns counts of recomputed, restored and kept weights.
+
+        An AdapterError (a layer that does not fit its weight) leaves the failing weight untouched; reconcile again
+        without that adapter to reach a consistent state.
+        """
         stats = {"recomputed": 0, "restored": 0, "kept": 0}
         for name in list(self.applied):
             if name not in plan:

@@ -104,3 +104,17 @@ def test_strength_zero_leaves_weights_bit_identical():
     Patcher(StateDictStore(weights)).reconcile(plan_of([(n, 0.0) for n in PATCHES]))
     for k in original:
         assert torch.equal(weights[k], original[k]), k
+
+
+def test_a_layer_that_does_not_fit_raises_adapter_error_naming_the_file():
+    import pytest
+
+    from lib_adapters.errors import AdapterError
+
+    weights = model_weights()
+    before = weights["a.weight"].clone()
+    bad = Operation(lora(8, 5), 1.0, Target("a.weight"), "/loras/bad.safetensors|0|lora_unet_x")
+    with pytest.raises(AdapterError) as e:
+        Patcher(StateDictStore(weights)).reconcile({"a.weight": [bad]})
+    assert "bad.safetensors" in str(e.value) and "lora_unet_x" in str(e.value)
+    assert torch.equal(weights["a.weight"], before)
