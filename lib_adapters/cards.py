@@ -1,0 +1,323 @@
+"""What the extra-networks panel shows for one adapter file, read from its header alone (never its tensor data).
+
+Layer types, ranks and the base family come from running key grouping and detection on meta tensors built from the
+header's shapes; training facts come from the kohya/modelspec metadata; the user's own fields from `<stem>.json`.
+Results are cached by (size, mtime) so a refresh of thousands of files only stats them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .algorithms import detect, kind_name
+from .errors import AdapterError, ShapeMismatch
+from .files import Header, read_header
+from .keys import group_keys
+from .naming.families import detect_family
+
+BADGES = {
+    "lora": "LoRA", "locon": "LoCon", "loha": "LoHa", "lokr": "LoKr", "oft": "OFT", "boft": "BOFT",
+    "ia3": "IA3", "glora": "GLoRA", "full": "full", "norm": "norm",
+}
+FAMILY_LABELS = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux", "unknown": "Unknown"}
+PREVIEW_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "gif")
+# Parameters whose values (not shapes) a detector reads. The card needs none of their values: alpha/scale and the
+# sparse residual are left out, `on_input` (IA3's signature) stands in as a small zero tensor.
+VALUE_PARAMS = ("on_input",)
+SKIPPED_PARAMS = ("alpha", "scale", "bias_indices", "bias_values", "bias_size")
+DATA_URL = re.compile(r"^data:image/(png|jpe?g|webp|gif);base64,[A-Za-z0-9+/=\s]+$")
+TOP_TAGS = 10
+# User-metadata keys: the builtin's names, plus our two preferred strengths.
+USER_KEYS = ("description", "activation text", "preferred weight", "negative text", "notes", "sd version")
+UNET_KEY = "preferred unet weight"
+TE_KEY = "preferred te weight"
+
+
+@dataclass
+class Training:
+    """Facts about how the adapter was trained, from kohya `ss_*` and `modelspec.*` metadata."""
+
+    base_model: str = ""
+    resolution: str = ""
+    epochs: str = ""
+    steps: str = ""
+    network_dim: str = ""
+    network_alpha: str = ""
+    tags: list[tuple[str, int]] = field(default_factory=list)
+    title: str = ""
+    author: str = ""
+    description: str = ""
+
+
+@dataclass
+class CardInfo:
+    """Everything host-free the card needs: type, rank, family, preview source and training facts."""
+
+    path: str
+    size: int
+    mtime: float
+    badge: str
+    dora: bool
+    rank: int | None  # the most common rank; OFT/BOFT: block size
+    ranks: dict[int, int]
+    algorithms: dict[str, int]
+    family: str
+    layers: int
+    preview_file: str | None
+    thumbnail: str | None  # a sanitised data: URL from modelspec.thumbnail
+    training: Training
+    metadata: dict[str, str]
+    error: str = ""
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).stem
+
+    @property
+    def family_label(self) -> str:
+        return FAMILY_LABELS.get(self.family, "Unknown")
+
+    @property
+    def rank_label(self) -> str:
+        """'rank 8', 'block 16' (OFT/BOFT) or ''."""
+        if self.rank is None:
+            return ""
+        return f"{'block' if self.badge in ('OFT', 'BOFT') else 'rank'} {self.rank}"
+
+    @property
+    def type_label(self) -> str:
+        """'LoRA', 'LoKr', … with '+DoRA' when any layer carries a magnitude vector."""
+        return self.badge + ("+DoRA" if self.dora else "")
+
+
+def meta_params(header: Header) -> dict[str, torch.Tensor]:
+    """One tensor per header entry that shapes tell about: meta tensors of the stored shape, zeros where a value is read."""
+    out = {}
+    for key, entry in header.entries.items():
+        param = key.rpartition(".")[2]
+        if param in SKIPPED_PARAMS:
+            continue
+        if param in VALUE_PARAMS and len(entry.shape) <= 1 and sum(entry.shape) <= 1:
+            out[key] = torch.zeros(entry.shape, dtype=torch.float32)
+        else:
+            out[key] = torch.empty(entry.shape, dtype=entry.dtype, device="meta")
+    return out
+
+
+def classify(header: Header) -> tuple[dict[str, int], Counter, bool, dict[str, int | None]]:
+    """(algorithm → layer count, rank (OFT/BOFT: block size) counts, any DoRA, module → input width), from shapes."""
+    groups, _ = group_keys(meta_params(header))
+    algorithms: Counter = Counter()
+    ranks: Counter = Counter()
+    dora = False
+    in_dims: dict[str, int | None] = {}
+    for module, params in groups.items():
+        try:
+            patch, _ = detect(params)
+        except (ShapeMismatch, RuntimeError, ValueError, NotImplementedError):
+            continue
+        if patch is None:
+            continue
+        algorithms[kind_name(patch)] += 1
+        size = patch.rank if patch.rank is not None else getattr(patch, "block_size", None)
+        if size is not None:
+            ranks[int(size)] += 1
+        dora = dora or patch.dora
+        in_dims[module] = patch.in_dim
+    return dict(algorithms), ranks, dora, in_dims
+
+
+def badge_for(algorithms: dict[str, int]) -> str:
+    """The card's type: the most common algorithm (norm patches only count alone); LoRA with conv layers is LoCon."""
+    counts = {k: v for k, v in algorithms.items() if k != "norm"} or algorithms
+    if not counts:
+        return "?"
+    if "locon" in counts and "lora" in counts:
+        counts = {**counts, "locon": counts["locon"] + counts.pop("lora")}
+    top = max(counts.items(), key=lambda kv: (kv[1], kv[0]))[0]
+    return BADGES.get(top, top)
+
+
+def _text(value) -> str:
+    return "" if value is None else str(value).strip()
+
+
+def top_tags(metadata: dict[str, str], limit: int = TOP_TAGS) -> list[tuple[str, int]]:
+    """The most frequent training tags over all dataset folders of `ss_tag_frequency`."""
+    raw = metadata.get("ss_tag_frequency")
+    if not raw:
+        return []
+    try:
+        folders = json.loads(raw)
+    except (TypeError, ValueError):
+        return []
+    totals: Counter = Counter()
+    if isinstance(folders, dict):
+        for tags in folders.values():
+            if isinstance(tags, dict):
+                for tag, n in tags.items():
+                    if isinstance(n, (int, float)) and str(tag).strip():
+                        totals[str(tag).strip()] += int(n)
+    return sorted(totals.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
+
+
+def training_of(metadata: dict[str, str]) -> Training:
+    """Training facts, empty strings where the metadata says nothing."""
+    m = metadata
+    resolution = _text(m.get("modelspec.resolution") or m.get("ss_resolution"))
+    resolution = re.sub(r"^\((\d+),\s*(\d+)\)$", r"\1x\2", resolution)
+    return Training(
+        base_model=_text(m.get("ss_sd_model_name") or m.get("ss_base_model_version") or m.get("modelspec.architecture")),
+        resolution=resolution,
+        epochs=_text(m.get("ss_num_epochs") or m.get("ss_epoch")),
+        steps=_text(m.get("ss_steps") or m.get("ss_max_train_steps")),
+        network_dim=_text(m.get("ss_network_dim")),
+        network_alpha=_text(m.get("ss_network_alpha")),
+        tags=top_tags(m),
+        title=_text(m.get("modelspec.title")),
+        author=_text(m.get("modelspec.author")),
+        description=_text(m.get("modelspec.description")),
+    )
+
+
+def thumbnail_of(metadata: dict[str, str]) -> str | None:
+    """`modelspec.thumbnail` when it is a base64 image data URL, else None (never passes other text through)."""
+    thumb = metadata.get("modelspec.thumbnail", "")
+    return thumb if thumb and DATA_URL.match(thumb) else None
+
+
+def find_preview_file(path: str, listing: set[str] | None = None) -> str | None:
+    """`name.png`, `name.preview.png` (and the other image types) beside the file."""
+    folder, stem = os.path.split(os.path.splitext(path)[0])
+    names = listing if listing is not None else set(os.listdir(folder or "."))
+    for ext in PREVIEW_EXTENSIONS:
+        for candidate in (f"{stem}.{ext}", f"{stem}.preview.{ext}"):
+            if candidate in names:
+                return os.path.join(folder, candidate)
+    return None
+
+
+_CACHE: dict[str, tuple[int, float, CardInfo]] = {}
+
+
+def read_card(path: str | os.PathLike, listing: set[str] | None = None) -> CardInfo:
+    """The card facts for one `.safetensors` file, from its header; cached by size and mtime."""
+    path = os.path.abspath(str(path))
+    st = os.stat(path)
+    cached = _CACHE.get(path)
+    if cached and cached[0] == st.st_size and cached[1] == st.st_mtime:
+        card = cached[2]
+        card.preview_file = find_preview_file(path, listing)
+        return card
+    header = read_header(path)
+    algorithms, ranks, dora, in_dims = classify(header)
+    family = detect_family(in_dims, header.metadata) if in_dims else "unknown"
+    rank = ranks.most_common(1)[0][0] if ranks else None
+    card = CardInfo(
+        path=path, size=st.st_size, mtime=st.st_mtime,
+        badge=badge_for(algorithms), dora=dora, rank=rank, ranks=dict(sorted(ranks.items())),
+        algorithms=algorithms, family=family, layers=sum(algorithms.values()),
+        preview_file=find_preview_file(path, listing), thumbnail=thumbnail_of(header.metadata),
+        training=training_of(header.metadata), metadata=header.metadata,
+        error="" if algorithms else "no known adapter layers",
+    )
+    _CACHE[path] = (st.st_size, st.st_mtime, card)
+    return card
+
+
+def list_files(dirs: list[str]) -> list[str]:
+    """Every `.safetensors` file under `dirs` (recursive, symlinks followed), sorted by relative path."""
+    found: dict[str, str] = {}
+    for d in dirs:
+        if not d or not os.path.isdir(d):
+            continue
+        for root, subdirs, files in os.walk(d, followlinks=True):
+            subdirs.sort()
+            for f in sorted(files):
+                if f.lower().endswith(".safetensors"):
+                    full = os.path.abspath(os.path.join(root, f))
+                    found.setdefault(os.path.realpath(full), full)
+    return list(found.values())
+
+
+def list_cards(dirs: list[str]) -> list[CardInfo | AdapterError]:
+    """Cards for every file under `dirs`; an unreadable file gives its AdapterError in its place."""
+    out: list[CardInfo | AdapterError] = []
+    listings: dict[str, set[str]] = {}
+    for path in list_files(dirs):
+        folder = os.path.dirname(path)
+        if folder not in listings:
+            listings[folder] = set(os.listdir(folder))
+        try:
+            out.append(read_card(path, listings[folder]))
+        except AdapterError as e:
+            out.append(e)
+        except OSError as e:
+            out.append(AdapterError(path, f"cannot be read: {e.strerror or e}"))
+    return out
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+
+
+# --- user metadata (`<stem>.json`, the builtin's sidecar) -------------------------------------------------------
+
+def user_metadata_path(path: str) -> str:
+    return os.path.splitext(path)[0] + ".json"
+
+
+def read_user_metadata(path: str) -> dict:
+    """The sidecar json as a dict; {} when absent or not a JSON object."""
+    try:
+        with open(user_metadata_path(path), encoding="utf8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_user_metadata(path: str, data: dict) -> None:
+    """Write the sidecar atomically, in the builtin's layout (indent 4, UTF-8)."""
+    target = user_metadata_path(path)
+    tmp = f"{target}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf8") as f:
+        json.dump(data, f, indent=4, ensure_ascii=False)
+    os.replace(tmp, target)
+
+
+def _strength(value, fallback: float) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return fallback
+    return v if v == v and abs(v) != float("inf") else fallback
+
+
+def preferred_strengths(user: dict, default: float = 1.0) -> tuple[float, float]:
+    """(unet, te): our own keys first, then the builtin's `preferred weight` (0 there means the default)."""
+    weight = _strength(user.get("preferred weight"), 0.0) or default
+    unet = _strength(user.get(UNET_KEY), weight) if user.get(UNET_KEY) not in (None, "") else weight
+    te = _strength(user.get(TE_KEY), weight) if user.get(TE_KEY) not in (None, "") else weight
+    return unet, te
+
+
+def format_strength(value: float) -> str:
+    """A strength as the shortest decimal text: 1, 0.8, -0.25."""
+    text = f"{value:.4f}".rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
+
+
+def tag_text(name: str, unet: float, te: float, order: str = "unet,te") -> str:
+    """`<lora:name:w>` when both strengths agree, else `<lora:name:a:b>` in the tag order the host reads."""
+    if unet == te:
+        return f"<lora:{name}:{format_strength(unet)}>"
+    first, second = (unet, te) if order == "unet,te" else (te, unet)
+    return f"<lora:{name}:{format_strength(first)}:{format_strength(second)}>"
