@@ -120,7 +120,7 @@ def read_header(path: str | os.PathLike) -> Header:
             raise AdapterError(path, f"invalid shape or offsets for tensor {name!r}")
         if end > data_len:
             raise AdapterError(path, f"truncated: tensor {name!r} ends at byte {end} of a {data_len}-byte data section")
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         if (end - start) != math.prod(shape) * itemsize:
             raise AdapterError(path, f"invalid safetensors header: tensor {name!r} has {end - start} bytes for shape {list(shape)}")
         entries[name] = TensorEntry(dtype, shape, start, end)
@@ -132,13 +132,20 @@ def load_tensors(path: str | os.PathLike, header: Header | None = None) -> tuple
     header = header or read_header(path)
     with open(header.path, "rb") as f:
         f.seek(header.data_start)
-        buf = bytearray(f.read(header.file_size - header.data_start))
-    if len(buf) != header.file_size - header.data_start:
+        buf = bytearray(header.file_size - header.data_start)  # read straight into it: no transient second copy
+        view, got = memoryview(buf), 0
+        while got < len(buf):
+            n = f.readinto(view[got:])
+            if not n:
+                break
+            got += n
+        view.release()
+    if got != len(buf):
         raise AdapterError(header.path, "truncated: the file changed while it was being read")
     tensors = {}
     for name, e in header.entries.items():
         numel = math.prod(e.shape)
-        itemsize = torch.empty((), dtype=e.dtype).element_size()
+        itemsize = e.dtype.itemsize
         if numel == 0:
             t = torch.empty(e.shape, dtype=e.dtype)
         elif e.start % itemsize:

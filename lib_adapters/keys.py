@@ -36,7 +36,7 @@ PLAIN_PARAMS = (
     "oft_blocks", "oft_diag", "boft_blocks", "rescale", "on_input", "diff", "diff_b", "w_norm", "b_norm",
 )
 SPELLINGS.update({p: p for p in PLAIN_PARAMS})
-SUFFIXES = sorted(SPELLINGS, key=len, reverse=True)
+MAX_SUFFIX_PARTS = max(s.count(".") + 1 for s in SPELLINGS)
 # Parameters that only count beside other adapter parameters of the same module.
 COMPANION_ONLY = {"weight", "bias"}
 
@@ -60,10 +60,12 @@ def normalise_key(key: str) -> str:
 
 
 def split_key(key: str) -> tuple[str, str] | None:
-    """(module, canonical param) for a key that ends in a known parameter suffix."""
-    for suffix in SUFFIXES:
-        if key.endswith("." + suffix):
-            return key[: -len(suffix) - 1], SPELLINGS[suffix]
+    """(module, canonical param) for a key that ends in a known parameter suffix (longest suffix wins)."""
+    parts = key.split(".")
+    for n in range(min(MAX_SUFFIX_PARTS, len(parts) - 1), 0, -1):
+        param = SPELLINGS.get(".".join(parts[-n:]))
+        if param is not None:
+            return ".".join(parts[:-n]), param
     return None
 
 
