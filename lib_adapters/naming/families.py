@@ -1,4 +1,9 @@
-"""Which base model family an adapter was trained for, from its key names and shapes (metadata as a hint)."""
+"""Which base model family an adapter was trained for, from its key names and shapes (metadata as a hint).
+
+Order (formats.md §6): DiT key names (Flux, SD3, and a T5 encoder `lora_te3_`) → cross-attention input width
+(768/1024/2048) → a second CLIP encoder (`lora_te2_`, `text_encoder_2.`) → text-encoder width (1024 → SD2,
+1280 → SDXL) → metadata → UNet structure (SDXL-only blocks vs. SD1/SD2-only levels) → CLIP-L width (SD1).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,18 @@ import re
 FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux", "unknown")
 CROSS_ATTN_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 TE_WIDTH = {1024: "sd2", 1280: "sdxl"}
+
+FLUX_KEYS = re.compile(r"double_blocks|single_blocks|single_transformer_blocks")
+SD3_KEYS = re.compile(r"joint_blocks|context_block|add_q_proj|ff_context")
+T5_KEYS = re.compile(r"(^|[._])lora_te3_|text_encoder_3\.")
+SECOND_CLIP = re.compile(r"^(lora_te2_|text_encoder_2\.|lora_te2\.|clip_g\.)|(^|_)embedders_1_|^1_model_")
+CROSS_ATTN = re.compile(r"attn2[._](to_[kv]|processor)")
+TE_ATTENTION = re.compile(r"(self_attn|attn)[._]?(q_proj|k_proj|v_proj)|resblocks")
+# Blocks only SDXL has: label/add embedding, transformer depth > 1, its sgm layout under kohya's prefixes.
+SDXL_ONLY = re.compile(r"label_emb|add_embedding|transformer_blocks[._][1-9]")
+# Levels only SD1/SD2 have: a fourth down/up level, input blocks 10-11, output blocks 9-11.
+SD12_ONLY = re.compile(r"down_blocks[._]3|up_blocks[._]3|input_blocks[._]1[01][._]|output_blocks[._](9|1[01])[._]")
+KOHYA_SGM = re.compile(r"^(lora_unet|oft_unet|lycoris)_(input_blocks|middle_block|output_blocks)_")
 
 
 def family_from_metadata(metadata: dict[str, str]) -> str | None:
@@ -18,7 +35,7 @@ def family_from_metadata(metadata: dict[str, str]) -> str | None:
         return "sd2"
     if base.startswith("flux") or arch.startswith("flux"):
         return "flux"
-    if "stable-diffusion-3" in arch:
+    if "stable-diffusion-3" in arch or base.startswith("sd3"):
         return "sd3"
     if base.startswith("sd_v1") or arch.startswith("stable-diffusion-v1"):
         return "sd1"
@@ -29,26 +46,24 @@ def detect_family(in_dims: dict[str, int | None], metadata: dict[str, str] | Non
     """`in_dims`: module key → input width of its adapter (None where unknown)."""
     keys = list(in_dims)
     joined = "\n".join(keys)
-    if re.search(r"double_blocks|single_blocks|single_transformer_blocks", joined):
+    if FLUX_KEYS.search(joined):
         return "flux"
-    if re.search(r"joint_blocks|context_block|add_q_proj", joined):
-        return "sd3"
+    if SD3_KEYS.search(joined) or any(T5_KEYS.search(k) for k in keys):
+        return "sd3" if not re.search(r"lora_te1_", joined) or re.search(r"lora_te2_", joined) else "flux"
     for key, width in in_dims.items():
-        if width and re.search(r"attn2[._](to_[kv]|processor)", key) and width in CROSS_ATTN_WIDTH:
+        if width in CROSS_ATTN_WIDTH and CROSS_ATTN.search(key):
             return CROSS_ATTN_WIDTH[width]
+    if any(SECOND_CLIP.search(k) for k in keys):
+        return "sdxl"
     for key, width in in_dims.items():
-        if width and re.search(r"(lora_te2_|text_encoder_2\.|te2|embedders[._]1)", key):
-            return "sdxl"
-    for key, width in in_dims.items():
-        if width and re.search(r"(self_attn|attn)[._]?(q_proj|k_proj|v_proj)|resblocks", key) and width in TE_WIDTH:
+        if width in TE_WIDTH and TE_ATTENTION.search(key):
             return TE_WIDTH[width]
     from_meta = family_from_metadata(metadata or {})
     if from_meta:
         return from_meta
-    if re.search(r"lora_te1_|text_encoder_2|label_emb|add_embedding", joined):
-        return "sdxl"
-    if re.search(r"transformer_blocks[._]9\b", joined):
-        return "sdxl"
+    if not SD12_ONLY.search(joined):
+        if SDXL_ONLY.search(joined) or re.search(r"(^|\n)lora_te1_", joined) or any(KOHYA_SGM.search(k) for k in keys):
+            return "sdxl"
     for key, width in in_dims.items():
         if width == 768 and re.search(r"(self_attn|text_model|lora_te_)", key):
             return "sd1"

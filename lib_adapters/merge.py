@@ -1,0 +1,148 @@
+"""`python -m lib_adapters merge`: bake the adapters named by prompt tags into a single-file checkpoint.
+
+Everything that can fail is checked before the output is written (names, files, families, layer fits); the
+checkpoint is read once into one buffer, merged in place weight by weight (math in float32, cast back once) and
+written tensor by tensor, so about one copy of it is held. Keys no adapter touches are written back bit-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+from pathlib import Path
+
+import torch
+
+from .adapter import Adapter
+from .errors import AdapterError, ShapeMismatch
+from .files import DTYPE_NAMES, load_tensors, read_header
+from .library import AdapterIndex
+from .naming import LayerMap, build_plan
+from .patching import Plan, compute
+from .tags import combine, parse_prompt
+
+DTYPES = {"keep": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+CHECKPOINT_MARKER = "model.diffusion_model."
+
+
+def find_adapters(prompt: str, lora_dirs: list[str]) -> list[tuple[Adapter, float, float]]:
+    """[(Adapter, unet strength, te strength)] for the tags of `prompt`, in prompt order (repeats summed)."""
+    for d in lora_dirs:
+        if not Path(d).is_dir():
+            raise AdapterError(d, "--lora-dir is not a folder")
+    _, tags = parse_prompt(prompt)
+    index = AdapterIndex(lora_dirs)
+    return [(Adapter.load(index.find(tag.name)), tag.unet, tag.te) for tag in combine(tags)]
+
+
+def checkpoint_layer_map(path: str) -> LayerMap:
+    """The layer map of a single-file checkpoint, from its header alone; AdapterError if it is no checkpoint."""
+    header = read_header(path)
+    if not any(k.startswith(CHECKPOINT_MARKER) for k in header.entries):
+        raise AdapterError(path, "not a Stable Diffusion checkpoint: it has no model.diffusion_model.* weights"
+                                 " (is it an adapter or a VAE?)")
+    return LayerMap.for_checkpoint({k: e.shape for k, e in header.entries.items()})
+
+
+def merge_in_place(tensors: dict[str, torch.Tensor], plan: Plan) -> int:
+    """Apply `plan` to `tensors`, writing each new weight (and bias) into its existing storage; returns the count."""
+    for name, ops in plan.items():
+        bias_name = next((op.target.bias for op in ops if op.target.bias and op.target.bias in tensors), None)
+        weight = tensors[name]
+        bias = tensors[bias_name] if bias_name else None
+        try:
+            new_w, new_b = compute(ops, weight, bias)
+        except ShapeMismatch as e:
+            source = ops[0].source.split("|")[0]
+            raise AdapterError(source, f"does not fit {name}: {e}") from None
+        weight.copy_(new_w.to(weight.dtype))
+        if bias is not None and new_b is not None:
+            bias.copy_(new_b.to(bias.dtype))
+    return len(plan)
+
+
+def _out_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """`dtype` for floating tensors (None: unchanged); other tensors always keep theirs."""
+    return dtype if dtype is not None and t.is_floating_point() else t.dtype
+
+
+def write_checkpoint(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                     dtype: torch.dtype | None = None) -> None:
+    """Write a safetensors file tensor by tensor (no second copy of the model in memory), converting floating
+    tensors to `dtype` on the way; atomic (temporary file, then rename)."""
+    names = sorted(tensors)
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        out = _out_dtype(t, dtype)
+        size = t.numel() * torch.empty((), dtype=out).element_size()
+        header[name] = {"dtype": DTYPE_NAMES[out], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for name in names:
+                t = tensors[name]
+                t = t.to(_out_dtype(t, dtype)).contiguous().reshape(-1)
+                if t.numel():
+                    f.write(t.view(torch.uint8).numpy().data)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise AdapterError(path, f"cannot be written: {e.strerror or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def merge(checkpoint: str, lora_dirs: list[str], out: str, prompt: str, dtype: str = "keep",
+          log=print) -> dict:
+    """Merge the adapters tagged in `prompt` into `checkpoint`, write `out`; returns a summary."""
+    if dtype not in DTYPES:
+        raise AdapterError(None, f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    out_dir = Path(out).resolve().parent
+    if not out_dir.is_dir():
+        raise AdapterError(out, f"the output folder {out_dir} does not exist")
+    entries = find_adapters(prompt, lora_dirs)
+    layer_map = checkpoint_layer_map(checkpoint)
+    plan, unmatched = build_plan(entries, layer_map)
+    for adapter, _, _ in entries:
+        missing = unmatched.get(adapter.path) or []
+        if missing:
+            shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
+            log(f"note: {adapter.path}: {len(missing)} of {len(adapter.layers)} layers match no weight: {shown}")
+    if not entries:
+        log("note: the prompt names no <lora:…> tags; the checkpoint is written unchanged"
+            + (f" (as {dtype})" if dtype != "keep" else ""))
+    header, tensors = load_tensors(checkpoint)
+    count = merge_in_place(tensors, plan)
+    metadata = dict(header.metadata)
+    metadata["lib_adapters.merged"] = json.dumps(
+        [{"file": os.path.basename(a.path), "unet": u, "te": t} for a, u, t in entries])
+    write_checkpoint(out, tensors, metadata, DTYPES[dtype])
+    return {"out": out, "weights_changed": count, "adapters": len(entries), "family": layer_map.family}
+
+
+def cmd_merge(args) -> int:
+    info = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    summary = merge(args.checkpoint, args.lora_dir, args.out, " ".join(args.prompt), args.dtype, log=info)
+    print(f"wrote {summary['out']}: {summary['adapters']} adapter(s), {summary['weights_changed']} weights changed "
+          f"({summary['family']})")
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser("merge", help="merge the adapters named by <lora:…> tags into a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="base single-file checkpoint (.safetensors)")
+    p.add_argument("--lora-dir", required=True, action="append",
+                   help="folder searched (recursively) for NAME.safetensors; may be repeated")
+    p.add_argument("--out", required=True, help="output .safetensors (written atomically)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="keep", help="floating-point dtype of the output")
+    p.add_argument("prompt", nargs="*", help="prompt words with <lora:NAME:W> / <lora:NAME:W:W_CLIP> tags")
+    p.set_defaults(run=cmd_merge)
