@@ -156,15 +156,40 @@ def load_tensors(path: str | os.PathLike, header: Header | None = None) -> tuple
     return header, tensors
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file atomically (temporary file, then rename)."""
-    from safetensors.torch import save_file
+def _out_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """`dtype` for floating tensors (None: unchanged); other tensors always keep theirs."""
+    return dtype if dtype is not None and t.is_floating_point() else t.dtype
 
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+    """Write a safetensors file tensor by tensor (no second copy of the model in memory), converting floating
+    tensors to `dtype` on the way; atomic (temporary file, then rename)."""
     path = str(path)
+    names = sorted(tensors)
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        out = _out_dtype(t, dtype)
+        size = t.numel() * out.itemsize
+        header[name] = {"dtype": DTYPE_NAMES[out], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for name in names:
+                t = tensors[name]
+                t = t.to(_out_dtype(t, dtype)).contiguous().reshape(-1)
+                if t.numel():
+                    f.write(t.view(torch.uint8).numpy().data)
         os.replace(tmp, path)
+    except OSError as e:
+        raise AdapterError(path, f"cannot be written: {e.strerror or e}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

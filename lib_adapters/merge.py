@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 
 from .adapter import Adapter
 from .errors import AdapterError, ShapeMismatch
-from .files import DTYPE_NAMES, load_tensors, read_header
+from .files import load_tensors, read_header, save_tensors
 from .library import AdapterIndex
 from .naming import LayerMap, build_plan
 from .patching import Plan, compute
@@ -63,44 +62,6 @@ def merge_in_place(tensors: dict[str, torch.Tensor], plan: Plan) -> int:
     return len(plan)
 
 
-def _out_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
-    """`dtype` for floating tensors (None: unchanged); other tensors always keep theirs."""
-    return dtype if dtype is not None and t.is_floating_point() else t.dtype
-
-
-def write_checkpoint(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
-                     dtype: torch.dtype | None = None) -> None:
-    """Write a safetensors file tensor by tensor (no second copy of the model in memory), converting floating
-    tensors to `dtype` on the way; atomic (temporary file, then rename)."""
-    names = sorted(tensors)
-    header: dict = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for name in names:
-        t = tensors[name]
-        out = _out_dtype(t, dtype)
-        size = t.numel() * torch.empty((), dtype=out).element_size()
-        header[name] = {"dtype": DTYPE_NAMES[out], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for name in names:
-                t = tensors[name]
-                t = t.to(_out_dtype(t, dtype)).contiguous().reshape(-1)
-                if t.numel():
-                    f.write(t.view(torch.uint8).numpy().data)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise AdapterError(path, f"cannot be written: {e.strerror or e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def merge(checkpoint: str, lora_dirs: list[str], out: str, prompt: str, dtype: str = "keep",
           log=print) -> dict:
     """Merge the adapters tagged in `prompt` into `checkpoint`, write `out`; returns a summary."""
@@ -125,7 +86,7 @@ def merge(checkpoint: str, lora_dirs: list[str], out: str, prompt: str, dtype: s
     metadata = dict(header.metadata)
     metadata["lib_adapters.merged"] = json.dumps(
         [{"file": os.path.basename(a.path), "unet": u, "te": t} for a, u, t in entries])
-    write_checkpoint(out, tensors, metadata, DTYPES[dtype])
+    save_tensors(out, tensors, metadata, DTYPES[dtype])
     return {"out": out, "weights_changed": count, "adapters": len(entries), "family": layer_map.family}
 
 
