@@ -1,0 +1,205 @@
+"""Forge: adapters go through Forge's own ModelPatcher (host-contract §6, §7.2).
+
+Each batch, clones of the original UNet and CLIP patchers get one `add_patches` call each, whose values are a
+custom patch type registered in `backend.patcher.lora.extra_weight_calculators`: our core math
+(`patching.compute`, i.e. LayerPatch.merge in order) runs inside Forge's LoraLoader on its float32 working copy,
+so every algorithm (OFT, BOFT, IA3, DoRA, GLoRA, …) is exact and Forge keeps its own backup/restore, offload and
+quantized-weight handling. The clones are left in `forge_objects_after_applying_lora`, as the builtin does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+
+from ..algorithms.base import DeltaPatch, compute_dtype
+from ..errors import AdapterError
+from ..naming import LayerMap
+from ..patching import Plan, compute
+from .a1111 import clear_cond_cache, te_signature
+
+WEIGHT_TYPE = "lib_adapters"
+BIAS_TYPE = "lib_adapters_bias"
+
+
+class Ops:
+    """A patch value's payload: the ordered operations on one parameter (opaque to Forge)."""
+
+    __slots__ = ("ops",)
+
+    def __init__(self, ops):
+        self.ops = tuple(ops)
+
+
+def weight_after(weight: torch.Tensor, strength: float, payload: Ops) -> torch.Tensor:
+    """Forge weight calculator: the merged weight from Forge's float32 working copy (strength_patch is 1)."""
+    new, _ = compute(list(payload.ops), weight, None)
+    if strength != 1.0:
+        new = weight + strength * (new - weight)
+    return new.to(weight.dtype)
+
+
+def bias_after(bias: torch.Tensor, strength: float, payload: Ops) -> torch.Tensor:
+    """The same bias arithmetic as `patching.compute` (additive patches only change biases)."""
+    cd = compute_dtype(bias)
+    b = bias.to(cd, copy=True)
+    for op in payload.ops:
+        if op.strength == 0 or not isinstance(op.patch, DeltaPatch):
+            continue
+        lo, hi = op.target.rows or (0, b.shape[0])
+        part = b[lo:hi]
+        db = op.patch.delta_bias(part)
+        if db is not None:
+            b[lo:hi] = part + op.strength * db.to(device=b.device, dtype=cd).reshape(part.shape)
+    if strength != 1.0:
+        b = bias.to(cd) + strength * (b - bias.to(cd))
+    return b.to(bias.dtype)
+
+
+def register_calculators() -> None:
+    from backend.patcher import lora
+
+    lora.extra_weight_calculators[WEIGHT_TYPE] = weight_after
+    lora.extra_weight_calculators[BIAS_TYPE] = bias_after
+
+
+def text_encoder_name(name: str, sdxl: bool) -> str | None:
+    """Forge's JointTextEncoder name → checkpoint-style name LayerMap.for_checkpoint knows (HF layout)."""
+    head, _, rest = name.partition(".")
+    if not rest.startswith("transformer."):
+        return None
+    if head == "clip_g":
+        return "conditioner.embedders.1." + rest if sdxl else "cond_stage_model." + rest
+    if head in ("clip_l", "clip_h"):
+        return ("conditioner.embedders.0." if sdxl else "cond_stage_model.") + rest
+    return None
+
+
+@dataclass
+class EngineState:
+    """Per Forge engine: the layer map over its original UNet/CLIP and what we last handed to it."""
+
+    engine: object
+    layer_map: LayerMap
+    to_forge: dict[str, tuple[str, str]]  # checkpoint name → ("unet" | "clip", Forge parameter name)
+    shapes: dict[str, tuple]
+    last: dict = field(default_factory=dict)  # component → (identifier, base patcher, clone)
+    te_signature: dict = field(default_factory=dict)
+
+
+def build_state(engine) -> EngineState:
+    base = engine.forge_objects_original
+    sdxl = bool(getattr(engine, "is_sdxl", False))
+    to_forge, shapes = {}, {}
+    for name, t in base.unet.model.state_dict().items():
+        if name.startswith("diffusion_model."):
+            to_forge["model." + name] = ("unet", name)
+            shapes["model." + name] = tuple(t.shape)
+    if base.clip is not None:
+        for name, t in base.clip.cond_stage_model.state_dict().items():
+            canon = text_encoder_name(name, sdxl)
+            if canon is not None:
+                to_forge[canon] = ("clip", name)
+                shapes[canon] = tuple(t.shape)
+    layer_map = LayerMap.for_checkpoint(shapes)
+    for flag, family in (("is_sdxl", "sdxl"), ("is_sd2", "sd2"), ("is_sd1", "sd1")):
+        if getattr(engine, flag, False):
+            layer_map.family = family  # Forge's SD2 encoder is HF-layout, which the key test would call sd1
+            break
+    return EngineState(engine, layer_map, to_forge, shapes)
+
+
+def identifier(component: str, patches: dict) -> str:
+    """The patch-set name Forge's LoraLoader compares: changes whenever any operation changes."""
+    h = hashlib.sha1()
+    for key in sorted(patches):
+        kind, payload = patches[key]
+        h.update(repr((key, kind, [op.signature for op in payload.ops])).encode())
+    return f"lib_adapters/{component}/{h.hexdigest()[:16]}"
+
+
+class ForgeBackend:
+    """Adapters as Forge patches on clones of the original UNet/CLIP patchers."""
+
+    name = "Forge"
+
+    def __init__(self):
+        self.state: EngineState | None = None
+
+    @staticmethod
+    def engine_of(p):
+        sd = getattr(p, "sd_model", None)
+        if sd is None:
+            from modules import shared
+            sd = shared.sd_model
+        return sd if getattr(sd, "forge_objects", None) is not None else None
+
+    def state_for(self, engine) -> EngineState:
+        if self.state is None or self.state.engine is not engine:
+            self.state = build_state(engine)  # a new engine starts from its own original patchers
+        return self.state
+
+    def layer_map(self, p) -> LayerMap:
+        engine = self.engine_of(p)
+        if engine is None:
+            raise AdapterError(None, "no model is loaded yet")
+        return self.state_for(engine).layer_map
+
+    def patches(self, state: EngineState, plan: Plan) -> dict[str, dict]:
+        out: dict[str, dict] = {"unet": {}, "clip": {}}
+        for weight, ops in plan.items():
+            component, name = state.to_forge[weight]
+            out[component][name] = (WEIGHT_TYPE, Ops(ops))
+            bias = next((op.target.bias for op in ops if op.target.bias), None)
+            if bias and bias in state.to_forge and any(isinstance(op.patch, DeltaPatch) for op in ops):
+                probe = torch.zeros(state.shapes[bias])
+                if any(isinstance(op.patch, DeltaPatch) and op.patch.delta_bias(probe if not op.target.rows else
+                       probe[op.target.rows[0]:op.target.rows[1]]) is not None for op in ops):
+                    out[component][state.to_forge[bias][1]] = (BIAS_TYPE, Ops(ops))
+        return out
+
+    def apply(self, p, plan: Plan) -> dict:
+        engine = self.engine_of(p)
+        if engine is None:
+            return {}
+        state = self.state_for(engine)
+        register_calculators()
+        base = engine.forge_objects_original
+        stats = {"unet": 0, "clip": 0, "rebuilt": 0, "skipped": 0}
+        chosen = {}
+        for component, patches in self.patches(state, plan).items():
+            original = getattr(base, component)
+            stats[component] = len(patches)
+            if not patches or original is None:
+                chosen[component] = original
+                state.last.pop(component, None)
+                continue
+            ident = identifier(component, patches)
+            last = state.last.get(component)
+            if last and last[0] == ident and last[1] is original:
+                chosen[component] = last[2]  # same patcher object: Forge will not re-merge anything
+                continue
+            clone = original.clone()
+            accepted = clone.add_patches(filename=ident, patches=patches, strength_patch=1.0, strength_model=1.0,
+                                         online_mode=False)
+            stats["skipped"] += len(patches) - len(accepted)
+            stats["rebuilt"] += 1
+            state.last[component] = (ident, original, clone)
+            chosen[component] = clone
+        engine.forge_objects.unet = chosen["unet"]
+        engine.forge_objects.clip = chosen["clip"]
+        engine.forge_objects_after_applying_lora = engine.forge_objects.shallow_copy()
+        te = te_signature(plan)
+        if te != state.te_signature:
+            clear_cond_cache(p)
+            state.te_signature = te
+        return stats
+
+    def forget(self, sd_model) -> None:
+        if self.state is not None and self.state.engine is sd_model:
+            self.state = None
+
+    def release(self) -> None:
+        self.state = None

@@ -1,0 +1,3 @@
+"""Fake `backend.args`."""
+
+dynamic_args = {"online_lora": False}

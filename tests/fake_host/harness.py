@@ -1,0 +1,75 @@
+"""One fake WebUI with the extension loaded: folders, models, generation and weight snapshots for the tests."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+import fake_host
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@dataclass
+class Host:
+    flavour: str
+    data: str
+    lora_dir: str
+    shared: object
+    models: dict = field(default_factory=dict)
+
+    @property
+    def webui(self):
+        from lib_adapters.hosts import webui
+        return webui
+
+    def set_option(self, key, value):
+        self.shared.opts.set(key, value)
+
+    def use(self, model):
+        self.shared.sd_model = model
+        return model
+
+    def params(self, model=None) -> dict[str, torch.Tensor]:
+        """Every live parameter of the current model by name (Forge: `u.`/`c.` + UNet/CLIP names)."""
+        model = model if model is not None else self.shared.sd_model
+        if self.flavour == "forge":
+            base = model.forge_objects_original
+            out = {"u." + k: v for k, v in base.unet.model.named_parameters()}
+            out.update({"c." + k: v for k, v in base.clip.cond_stage_model.named_parameters()})
+            return out
+        return dict(model.named_parameters())
+
+    def snapshot(self, model=None) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.params(model).items()}
+
+    def generate(self, prompt, **kw):
+        """Run one generation; returns (Processed, {phase: snapshot as the sampler sees it}, p)."""
+        from modules import processing
+
+        seen = {}
+        p = processing.StableDiffusionProcessingTxt2Img(prompt=prompt, **kw)
+        res = processing.process_images(p, observe=lambda phase, p: seen.setdefault(phase, []).append(self.snapshot()))
+        return res, seen, p
+
+
+def start(tmp_path, flavour="a1111", builtin=None, load=True) -> Host:
+    """Install the fake host in `tmp_path`, optionally with the builtin Lora enabled, load the extension and run
+    before_ui (as the host does at start-up)."""
+    shared = fake_host.install(flavour, tmp_path)
+    lora_dir = os.path.join(str(tmp_path), "Lora")
+    os.makedirs(lora_dir, exist_ok=True)
+    shared.cmd_opts.lora_dir = lora_dir
+    shared.cmd_opts.lyco_dir_backcompat = os.path.join(str(tmp_path), "LyCORIS")
+    from modules import extensions, hashes
+
+    hashes.calls.clear()
+    if builtin:
+        extensions.extensions.append(extensions.Extension(builtin, os.path.join(str(tmp_path), builtin), True, True))
+    if load:
+        fake_host.load_extension(ROOT)
+        from modules import script_callbacks
+        script_callbacks.before_ui_callback()
+    return Host(flavour, str(tmp_path), lora_dir, shared)

@@ -1,0 +1,142 @@
+"""Fake `modules.processing`: a `p` with the attributes extensions touch, and a driver running one generation in
+the host's order (host-contract §2.3, §6.6, §10.4): per batch parse → activate → setup_conds (cached) → sample,
+then the hires pass, then deactivate only under the host's condition. `observe(phase, p)` sees the model as the
+sampler would (after Forge's refresh_loras)."""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from modules import extra_networks, infotext_utils, shared
+
+
+def fingerprint(tensors) -> float:
+    """A number that changes with any weight: Σ_i (i+1)·Σ t_i in float64, over tensors sorted by name."""
+    return float(sum((i + 1) * t.detach().double().sum() for i, (_, t) in enumerate(sorted(tensors.items()))))
+
+
+class StableDiffusionProcessing:
+    cached_c = [None, None]
+    cached_uc = [None, None]
+
+    def __init__(self, prompt="", negative_prompt="", batch_size=1, n_iter=1, seed=1, sd_model=None, scripts=None,
+                 disable_extra_networks=False, enable_hr=False, hr_prompt=None):
+        self.prompt = prompt
+        self.negative_prompt = negative_prompt
+        self.batch_size = batch_size
+        self.n_iter = n_iter
+        self.seed = seed
+        self.sd_model = sd_model if sd_model is not None else shared.sd_model
+        self.scripts = scripts
+        self.script_args = []
+        self.disable_extra_networks = disable_extra_networks
+        self.enable_hr = enable_hr
+        self.hr_prompt = hr_prompt if hr_prompt is not None else prompt
+        self.extra_generation_params = {}
+        self.comments = {}
+        self.is_hr_pass = False
+        self.iteration = 0
+        self.extra_network_data = None
+        self.hr_extra_network_data = None
+        self.prompts = self.negative_prompts = self.hr_prompts = None
+        self.seeds = self.subseeds = None
+        self.all_prompts = self.all_negative_prompts = self.all_hr_prompts = None
+        self.c = self.hr_c = None
+
+    def comment(self, text):
+        self.comments[text] = 1
+
+
+class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
+    cached_hr_c = [None, None]
+    cached_hr_uc = [None, None]
+
+
+@dataclass
+class Processed:
+    infotexts: list = field(default_factory=list)
+    comments: str = ""
+    conds: list = field(default_factory=list)
+
+
+def _as_list(v, n):
+    return list(v) if isinstance(v, (list, tuple)) else [v] * n
+
+
+def _text_encoder_tensors(sd_model) -> dict:
+    if hasattr(sd_model, "forge_objects"):
+        from backend import memory_management
+        clip = sd_model.forge_objects.clip
+        memory_management.load_model_gpu(clip.patcher)
+        return dict(clip.cond_stage_model.state_dict())
+    te = sd_model.conditioner if getattr(sd_model, "is_sdxl", False) else sd_model.cond_stage_model
+    return dict(te.state_dict())
+
+
+def _conds(p, prompts, cache, data):
+    """The host's get_conds_with_caching: reuse when the key (prompts, networks, model) equals the cached one."""
+    key = (tuple(prompts), repr([(k, [x.items for x in v]) for k, v in sorted((data or {}).items())]),
+           id(p.sd_model))
+    if shared.opts.persistent_cond_cache and cache[0] is not None and cache[0] == key:
+        return cache[1]
+    value = fingerprint(_text_encoder_tensors(p.sd_model))
+    cache[0], cache[1] = key, value
+    return value
+
+
+def _sample(p, observe, phase):
+    sd = p.sd_model
+    if hasattr(sd, "forge_objects"):
+        from backend import memory_management
+        sd.forge_objects = sd.forge_objects_after_applying_lora.shallow_copy()
+        memory_management.load_models_gpu([sd.forge_objects.unet])
+    if observe:
+        observe(phase, p)
+
+
+def create_infotext(p):
+    params = {"Steps": 2, "Seed": p.seed}
+    params.update(p.extra_generation_params)
+    return f"{p.prompt}\nNegative prompt: {p.negative_prompt}\n" + infotext_utils.create_infotext_line(params)
+
+
+def process_images(p, observe=None) -> Processed:
+    n = p.batch_size * p.n_iter
+    p.all_prompts = _as_list(p.prompt, n)
+    p.all_negative_prompts = _as_list(p.negative_prompt, n)
+    p.all_hr_prompts = _as_list(p.hr_prompt, n)
+    res = Processed()
+    sd = p.sd_model
+    forge = hasattr(sd, "forge_objects")
+    for it in range(p.n_iter):
+        p.iteration = it
+        sl = slice(it * p.batch_size, (it + 1) * p.batch_size)
+        p.prompts, p.negative_prompts = p.all_prompts[sl], p.all_negative_prompts[sl]
+        p.seeds = p.subseeds = [p.seed + i for i in range(sl.start, sl.stop)]
+        if forge:
+            sd.forge_objects = sd.forge_objects_original.shallow_copy()
+        p.prompts, p.extra_network_data = extra_networks.parse_prompts(p.prompts)
+        if p.enable_hr:
+            p.hr_prompts, p.hr_extra_network_data = extra_networks.parse_prompts(p.all_hr_prompts[sl])
+        if not p.disable_extra_networks:
+            extra_networks.activate(p, p.extra_network_data)
+        if forge:
+            sd.forge_objects = sd.forge_objects_after_applying_lora.shallow_copy()
+        p.c = _conds(p, p.prompts, p.cached_c, p.extra_network_data)
+        res.conds.append(("first_pass", p.c))
+        _sample(p, observe, "first_pass")
+        if p.enable_hr:
+            p.is_hr_pass = True
+            if not p.disable_extra_networks:
+                extra_networks.activate(p, p.hr_extra_network_data)
+            if forge:
+                sd.forge_objects = sd.forge_objects_after_applying_lora.shallow_copy()
+            p.hr_c = _conds(p, p.hr_prompts, p.cached_hr_c, p.hr_extra_network_data)
+            res.conds.append(("hires", p.hr_c))
+            _sample(p, observe, "hires")
+            p.is_hr_pass = False
+        res.infotexts.extend(create_infotext(p) for _ in range(p.batch_size))
+    if not p.disable_extra_networks and p.extra_network_data:
+        extra_networks.deactivate(p, p.extra_network_data)
+    res.comments = "\n".join(p.comments)
+    return res
