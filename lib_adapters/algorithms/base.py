@@ -105,8 +105,11 @@ class LayerPatch:
 class DeltaPatch(LayerPatch):
     """Additive patches: W' = W + s·ΔW (ΔW may read W, as GLoRA does), b' = b + s·Δb."""
 
-    def delta(self, weight: Tensor) -> Tensor:
-        """ΔW shaped like `weight`, in its compute dtype, scale included."""
+    def delta(self, weight: Tensor, multiplier: float = 1.0) -> Tensor:
+        """ΔW · multiplier shaped like `weight`, in its compute dtype, alpha/rank scale included.
+
+        The strength comes in as one factor with the scale (γ·s), as PEFT/diffusers fuse it, so results agree to the bit.
+        """
         raise NotImplementedError
 
     def delta_bias(self, bias: Tensor | None) -> Tensor | None:
@@ -116,7 +119,7 @@ class DeltaPatch(LayerPatch):
         self.check(weight)
         cd = compute_dtype(weight)
         w = weight.to(cd)
-        new_w = w + strength * self.delta(w) if strength != 0 else w
+        new_w = w + self.delta(w, strength) if strength != 0 else w
         db = self.delta_bias(bias)
         new_b = bias
         if db is not None and bias is not None and strength != 0:

@@ -30,10 +30,10 @@ class FullPatch(DeltaPatch):
     def in_dim(self):
         return int(self.diff.shape[1]) if self.diff.ndim > 1 else None
 
-    def delta(self, weight):
+    def delta(self, weight, multiplier=1.0):
         if self.diff.numel() != weight.numel():
             raise ShapeMismatch(f"diff is {list(self.diff.shape)}, the weight is {list(weight.shape)}")
-        return fetch(self.diff, weight).reshape(weight.shape)
+        return fetch(self.diff, weight).reshape(weight.shape) * multiplier
 
     def delta_bias(self, bias):
         if self.diff_b is not None and bias is not None and self.diff_b.numel() != bias.numel():

@@ -60,7 +60,7 @@ class GLoRAPatch(DeltaPatch):
     def in_dim(self):
         return int(self.a1.shape[0] if self.new_layout else self.a1.shape[1])
 
-    def delta(self, weight: Tensor) -> Tensor:
+    def delta(self, weight: Tensor, multiplier: float = 1.0) -> Tensor:
         f = lambda t: flat(fetch(t, weight))  # noqa: E731
         if self.new_layout:
             a, b, c, d = f(self.a1), f(self.a2), f(self.b1), f(self.b2)
@@ -71,4 +71,4 @@ class GLoRAPatch(DeltaPatch):
         bb = c @ d
         if bb.numel() != weight.numel():
             raise ShapeMismatch(f"GLoRA gives {tuple(bb.shape)}, the weight is {list(weight.shape)}")
-        return (wa + bb.reshape(weight.shape)) * rank_scale(self.alpha_value, self.rank, self.scale_override)
+        return (wa + bb.reshape(weight.shape)) * (rank_scale(self.alpha_value, self.rank, self.scale_override) * multiplier)

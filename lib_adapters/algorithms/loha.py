@@ -66,7 +66,7 @@ class LoHaPatch(DeltaPatch):
     def in_dim(self):
         return int(self.w1b.shape[1])
 
-    def delta(self, weight: Tensor) -> Tensor:
+    def delta(self, weight: Tensor, multiplier: float = 1.0) -> Tensor:
         f = lambda t: fetch(t, weight)  # noqa: E731
         if self.t1 is not None:
             m1 = tucker(f(self.t1), f(self.w1a), f(self.w1b).reshape(self.w1b.shape[0], -1))
@@ -76,4 +76,4 @@ class LoHaPatch(DeltaPatch):
             d = (f(self.w1a) @ f(self.w1b).reshape(self.rank, -1)) * (f(self.w2a) @ f(self.w2b).reshape(self.w2b.shape[0], -1))
         if d.numel() != weight.numel():
             raise ShapeMismatch(f"LoHa gives {tuple(d.shape)}, the weight is {list(weight.shape)}")
-        return d.reshape(weight.shape) * rank_scale(self.alpha_value, self.rank, self.scale_override)
+        return d.reshape(weight.shape) * (rank_scale(self.alpha_value, self.rank, self.scale_override) * multiplier)

@@ -97,7 +97,7 @@ class LoKrPatch(DeltaPatch):
         d = (self.w2 if self.w2 is not None else self.w2b).shape[1]
         return int(c * d)
 
-    def delta(self, weight: Tensor) -> Tensor:
+    def delta(self, weight: Tensor, multiplier: float = 1.0) -> Tensor:
         f = lambda t: fetch(t, weight)  # noqa: E731
         w1 = f(self.w1) if self.w1 is not None else f(self.w1a) @ f(self.w1b)
         if self.w2 is not None:
@@ -109,4 +109,4 @@ class LoKrPatch(DeltaPatch):
         d = kron(w1.reshape(w1.shape[0], -1), w2)
         if d.numel() != weight.numel():
             raise ShapeMismatch(f"LoKr gives {tuple(d.shape)}, the weight is {list(weight.shape)}")
-        return d.reshape(weight.shape) * rank_scale(self.alpha_value, self.rank, self.scale_override)
+        return d.reshape(weight.shape) * (rank_scale(self.alpha_value, self.rank, self.scale_override) * multiplier)

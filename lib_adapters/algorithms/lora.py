@@ -87,7 +87,7 @@ class LoRAPatch(DeltaPatch):
     def scale(self) -> float:
         return rank_scale(self.alpha_value, self.rank, self.scale_override)
 
-    def delta(self, weight: Tensor) -> Tensor:
+    def delta(self, weight: Tensor, multiplier: float = 1.0) -> Tensor:
         up, down = fetch(self.up, weight), fetch(self.down, weight)
         if self.mid is not None:
             d = tucker(fetch(self.mid, weight), flat(up).T, flat(down))
@@ -97,4 +97,4 @@ class LoRAPatch(DeltaPatch):
             d = d.reshape(-1) + fetch(self.extra, weight).reshape(-1)
         if d.numel() != weight.numel():
             raise ShapeMismatch(f"LoRA gives {d.numel()} elements ({self.out_dim} rows), the weight is {list(weight.shape)}")
-        return d.reshape(weight.shape) * self.scale
+        return d.reshape(weight.shape) * (self.scale * multiplier)

@@ -26,8 +26,8 @@ class NormPatch(DeltaPatch):
     def out_dim(self):
         return int(self.w_norm.numel())
 
-    def delta(self, weight):
-        return fetch(self.w_norm, weight).reshape(weight.shape)
+    def delta(self, weight, multiplier=1.0):
+        return fetch(self.w_norm, weight).reshape(weight.shape) * multiplier
 
     def delta_bias(self, bias):
         if self.b_norm is not None and bias is not None and self.b_norm.numel() != bias.numel():
