@@ -11,25 +11,10 @@ diffusers = pytest.importorskip("diffusers")
 
 from lib_adapters.adapter import Adapter  # noqa: E402
 from lib_adapters.convert import HINT_KEY, convert_file, kohya_names  # noqa: E402
-from lib_adapters.demo import build_demo_pipeline, write_demo_adapters  # noqa: E402
+from lib_adapters.demo import build_demo_pipeline  # noqa: E402
 from lib_adapters.errors import AdapterError  # noqa: E402
 from lib_adapters.files import load_tensors, save_tensors  # noqa: E402
 from lib_adapters.hosts.diffusers import DiffusersAdapters  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    pipe = build_demo_pipeline()
-    folder = tmp_path_factory.mktemp("demo_adapters")
-    return pipe, write_demo_adapters(folder, pipe), folder
 
 
 META = {"ss_network_module": "networks.lora", "ss_network_dim": "4", "ss_base_model_version": "sd_v1",

@@ -15,24 +15,8 @@ from lib_adapters.files import load_tensors, save_tensors
 diffusers = pytest.importorskip("diffusers")
 
 from lib_adapters.convert import kohya_names  # noqa: E402
-from lib_adapters.demo import build_demo_pipeline, write_demo_adapters  # noqa: E402
+from lib_adapters.demo import build_demo_pipeline  # noqa: E402
 from lib_adapters.hosts.diffusers import DiffusersAdapters, apply_adapters, load_checkpoint_pipeline  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and stay fast when other tests share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    pipe = build_demo_pipeline()
-    folder = tmp_path_factory.mktemp("demo_adapters")
-    return pipe, write_demo_adapters(folder, pipe), folder
 
 
 def weights(pipe, components=("unet", "text_encoder", "text_encoder_2")):

@@ -17,14 +17,6 @@ from lib_adapters.demo import DEMO_ADAPTERS, build_demo_pipeline, write_demo_ada
 from lib_adapters.errors import AdapterError  # noqa: E402
 from lib_adapters.generate import grid_cells, parse_adapter_arg, parse_grid_axis  # noqa: E402
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and stay fast when other tests share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 FAST = ["--steps", "2", "--width", "64", "--height", "64", "--quiet", "--seed", "7"]
 

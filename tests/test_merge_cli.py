@@ -18,14 +18,6 @@ from lib_adapters.models import build_tiny, to_checkpoint
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def kohya_lora(model, prefix, count, seed, rank=2, alpha=1.5, kinds=(torch.nn.Linear,)):
     """Random kohya-named LoRA tensors on the first `count` layers of `model` of the given kinds."""
     g = torch.Generator().manual_seed(seed)

@@ -12,15 +12,6 @@ from lib_adapters.naming.unet import layers_per_block_ldm, ldm_to_diffusers
 FAMILIES = ("sd1", "sd2", "sdxl")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is much faster than two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module", params=FAMILIES)
 def tiny(request):
     comps = build_tiny(request.param, seed=3)

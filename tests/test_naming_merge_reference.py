@@ -34,15 +34,6 @@ def base_checkpoint(family, tmp_dir):
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is much faster than two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tmp_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("ref"))

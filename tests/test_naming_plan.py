@@ -16,15 +16,6 @@ Q = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
 UNET_KEY = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is much faster than two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @functools.lru_cache(maxsize=None)
 def tiny_checkpoint(family):
     return to_checkpoint(build_tiny(family, seed=4))

@@ -14,15 +14,6 @@ FAMILIES = ("sd1", "sd2", "sdxl")
 UNET = "model.diffusion_model."
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is much faster than two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module", params=FAMILIES)
 def tiny(request):
     comps = build_tiny(request.param, seed=5)

@@ -171,7 +171,7 @@ def test_cond_cache_is_invalidated_when_text_encoder_weights_change(host):
 def test_unknown_names_and_broken_files_are_reported_and_skipped(host, capsys):
     model = host.use(A1111Model("sd1"))
     a = lora(host, model, "a", "sd1", seed=1)
-    b = lora(host, model, "b", "sd1", seed=2)
+    lora(host, model, "b", "sd1", seed=2)
     with open(os.path.join(host.lora_dir, "broken.safetensors"), "wb") as f:
         f.write(struct.pack("<Q", 500) + b"{}")
     write_lora(os.path.join(host.lora_dir, "xl.safetensors"), A1111Model("sdxl"), "sdxl")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from ..errors import AdapterError
 from ..patching import Operation, Plan, Target
 from .families import CROSS_ATTN_WIDTH
-from .text import hf_to_openclip, openclip_to_hf
+from .text import openclip_to_hf
 from .unet import (diffusers_to_ldm, layers_per_block_diffusers, layers_per_block_ldm, ldm_to_diffusers,
                    up_blocks_with_attention)
 

@@ -5,7 +5,6 @@ sampler would (after Forge's refresh_loras)."""
 
 from dataclasses import dataclass, field
 
-import torch
 
 from modules import extra_networks, infotext_utils, shared
 
