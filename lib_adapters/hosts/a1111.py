@@ -14,7 +14,7 @@ import torch
 
 from ..errors import AdapterError
 from ..naming import LayerMap
-from ..patching import Patcher, Plan
+from ..patching import ModuleStore, Patcher, Plan
 
 MODEL_PREFIXES = ("model.diffusion_model.", "cond_stage_model.", "conditioner.")
 COND_CACHES = ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc")
@@ -25,7 +25,7 @@ def checkpoint_name(name: str) -> str:
     return name.replace(".wrapped.", ".")
 
 
-class HostModelStore:
+class HostModelStore(ModuleStore):
     """The model's UNet and text-encoder parameters by checkpoint name; `set` copies in place (same storage,
     whatever device lowvram put it on)."""
 
@@ -41,19 +41,6 @@ class HostModelStore:
                 continue
             seen.add(id(t))
             self.tensors.setdefault(checkpoint_name(name), t)
-
-    def get(self, name):
-        return self.tensors[name].data
-
-    def set(self, name, value):
-        with torch.no_grad():
-            self.tensors[name].data.copy_(value)
-
-    def has(self, name):
-        return name in self.tensors
-
-    def names(self):
-        return self.tensors.keys()
 
 
 @dataclass
