@@ -9,14 +9,9 @@ from lib_adapters.hosts import webui  # noqa: E402  (the extension root is on sy
 
 webui.register(script_callbacks)
 
-try:
+try:  # the panel is optional: loading adapters must work without it
     from lib_adapters.hosts import panel
-except ModuleNotFoundError as e:
-    if e.name != "lib_adapters.hosts.panel":
-        errors.report(f"sd-webui-adapters: the adapters page is unavailable: {e}", exc_info=True)
-    panel = None
-except Exception as e:  # the panel is optional: loading adapters must work without it
-    errors.report(f"sd-webui-adapters: the adapters page is unavailable: {e}", exc_info=True)
-    panel = None
-if panel is not None:
+
     panel.register_callbacks()
+except Exception as e:
+    errors.report(f"sd-webui-adapters: the adapters page is unavailable: {e}", exc_info=True)
