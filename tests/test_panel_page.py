@@ -39,6 +39,11 @@ class Card(HTMLParser):
 
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
+    import fake_host
+
+    global panel
+    fake_host.install("a1111")  # fresh fake modules: other test modules may have installed the Forge flavour
+    from lib_adapters.hosts import panel
     from modules import errors, extensions, script_callbacks, shared, ui_extra_networks
 
     root = tmp_path_factory.mktemp("Lora")
