@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from .algorithms import LayerPatch
-from .algorithms.base import compute_dtype
+from .algorithms.base import compute_dtype, fetch
+from .algorithms.lora import LoRAPatch
 from .errors import AdapterError, ShapeMismatch
 
 
@@ -77,6 +78,8 @@ class StateDictStore:
 class ModuleStore:
     """An nn.Module's parameters and buffers by dotted name; `set` copies in place (no new storage)."""
 
+    in_place = True  # Patcher may compute straight into the live tensors
+
     def __init__(self, module: torch.nn.Module, prefix: str = ""):
         self.prefix = prefix
         self.tensors = {prefix + k: v for k, v in module.state_dict(keep_vars=True).items()}
@@ -95,28 +98,73 @@ class ModuleStore:
         return self.tensors.keys()
 
 
-def compute(ops: list[Operation], weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """Apply `ops` in order to (weight, bias), each on its row block; returns compute-dtype tensors."""
+def _low_rank(patch: LayerPatch, w: Tensor) -> tuple[Tensor, Tensor, float] | None:
+    """(up, down, γ) as 2-D compute-dtype matrices for a plain LoRA whose product fits `w`; None otherwise."""
+    if type(patch) is not LoRAPatch or patch.mid is not None or patch.extra is not None:
+        return None
+    up = patch.up.reshape(patch.up.shape[0], -1)
+    down = patch.down.reshape(patch.down.shape[0], -1)
+    if w.ndim < 1 or up.shape[0] != w.shape[0] or up.shape[0] * down.shape[1] != w.numel() or not w.is_contiguous():
+        return None
+    return fetch(up, w), fetch(down, w), patch.scale
+
+
+def _merge_one(op: Operation, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """One operation on (w, b), on its row block; plain LoRA is one in-place addmm (no ΔW temporary)."""
+    lo, hi = op.target.rows if op.target.rows is not None else (0, w.shape[0])
+    part = w[lo:hi] if op.target.rows is not None else w
+    factors = _low_rank(op.patch, part)
+    if factors is not None:
+        up, down, scale = factors
+        part.view(part.shape[0], -1).addmm_(up, down, alpha=op.strength * scale)
+        return w, b
+    if op.target.rows is None:
+        return op.patch.merge(w, op.strength, b)
+    sub_b = b[lo:hi] if b is not None else None
+    new_w, new_b = op.patch.merge(part, op.strength, sub_b)
+    w[lo:hi] = new_w
+    if new_b is not None and b is not None:
+        b[lo:hi] = new_b
+    return w, b
+
+
+def compute(ops: list[Operation], weight: Tensor, bias: Tensor | None,
+            out: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """Apply `ops` in order to (weight, bias), each on its row block; returns compute-dtype tensors.
+
+    `out` (optional): a tensor of the weight's shape in the compute dtype to build the result in (a live weight);
+    it is returned as the result when used, and holds `weight` again if an operation fails.
+    """
     cd = compute_dtype(weight)
-    w = weight.to(cd, copy=True)
+    active = [op for op in ops if op.strength != 0]
+    usable = (out is not None and out.dtype == cd and out.shape == weight.shape and out.device == weight.device
+              and out.is_contiguous() and out.data_ptr() != weight.data_ptr())
+    src = weight if weight.dtype == cd else weight.to(cd)
+    first = _low_rank(active[0].patch, src) if active and active[0].target.rows is None else None
+    if first is not None:  # W' = W + s·γ·up@down in one pass over W, straight into the destination
+        up, down, scale = first
+        alpha = active[0].strength * scale
+        if src is not weight:  # already a fresh compute-dtype copy (fp16/bf16 weight): add in place
+            w = src
+            w.view(w.shape[0], -1).addmm_(up, down, alpha=alpha)
+        else:
+            w = out if usable else torch.empty_like(src, memory_format=torch.contiguous_format)
+            torch.addmm(src.reshape(src.shape[0], -1), up, down, alpha=alpha, out=w.view(w.shape[0], -1))
+        active = active[1:]
+    elif usable:
+        w = out.copy_(src)
+    else:
+        w = src.clone() if src is weight else src
     b = bias.to(cd, copy=True) if bias is not None else None
-    for op in ops:
-        if op.strength == 0:
-            continue
-        try:
-            if op.target.rows is None:
-                w, b = op.patch.merge(w, op.strength, b)
-            else:
-                lo, hi = op.target.rows
-                sub_b = b[lo:hi] if b is not None else None
-                new_w, new_b = op.patch.merge(w[lo:hi], op.strength, sub_b)
-                w[lo:hi] = new_w
-                if new_b is not None and b is not None:
-                    b[lo:hi] = new_b
-        except ShapeMismatch as e:
-            path, _, rest = op.source.partition("|")
-            raise AdapterError(path, f"layer {rest.rpartition('|')[2] or op.target.weight!r} does not fit "
-                                     f"{op.target.weight}: {e}") from None
+    try:
+        for op in active:
+            w, b = _merge_one(op, w, b)
+    except ShapeMismatch as e:
+        if usable:
+            out.copy_(weight)
+        path, _, rest = op.source.partition("|")
+        raise AdapterError(path, f"layer {rest.rpartition('|')[2] or op.target.weight!r} does not fit "
+                                 f"{op.target.weight}: {e}") from None
     return w, b
 
 
@@ -138,7 +186,12 @@ class Patcher:
 
     def _write(self, name: str, value: Tensor) -> None:
         current = self.store.get(name)
-        self.store.set(name, value.to(device=current.device, dtype=current.dtype))
+        if value.data_ptr() == current.data_ptr() and value.dtype == current.dtype:
+            return  # computed in place, into an in-place store's live tensor
+        if getattr(self.store, "in_place", False) and value.device == current.device:
+            self.store.set(name, value)  # copy_ casts on the way: no extra cast pass
+        else:
+            self.store.set(name, value.to(device=current.device, dtype=current.dtype))
 
     def reconcile(self, plan: Plan) -> dict[str, int]:
         """Make the store equal originals + `plan`; returns counts of recomputed, restored and kept weights.
@@ -159,7 +212,8 @@ class Patcher:
                 continue
             weight = self._original(name)
             bias = self._original(bias_name) if bias_name and self.store.has(bias_name) else None
-            new_w, new_b = compute(ops, weight, bias)
+            live = self.store.get(name) if getattr(self.store, "in_place", False) else None
+            new_w, new_b = compute(ops, weight, bias, out=live)
             self._write(name, new_w)
             if bias_name and bias is not None:
                 self._write(bias_name, new_b)

@@ -1,0 +1,42 @@
+"""Generate the benchmark's adapter files (and the 2,000-file listing folder) once, into the cache folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cache", required=True)
+    ap.add_argument("--family", default="sd1")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--listing", type=int, default=2000)
+    args = ap.parse_args(argv)
+    from .adapters import generate
+    from .listing import make_listing
+    from .models import build
+    from .worker import quiet
+
+    quiet()
+    torch.set_grad_enabled(False)
+    cache = Path(args.cache)
+    files_json = cache / "files.json"
+    if not files_json.exists():
+        components = build(args.family, args.quick, seed=0)
+        files = generate(components, cache / "adapters")
+        del components
+        json.dump(files, open(files_json, "w"), indent=1)
+    files = json.load(open(files_json))
+    if args.listing:
+        make_listing(files["lora"][0], cache / "listing", args.listing)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""One benchmark row in its own process: build the model, time every operation per case, track peak RSS.
+
+Usage (run.py calls it): python -m bench.worker --row ours-module --files files.json --out row.json [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+from . import memory
+from .models import build, model_bytes
+
+ROW_OPS = {
+    "floor": ("apply", "restore", "switch", "stack", "strength", "reselect"),
+    "floor-gemm": ("apply", "restore", "switch", "stack", "strength", "reselect"),
+    "ours-checkpoint": ("apply", "restore", "switch", "stack", "strength", "reselect"),
+    "ours-module": ("apply", "restore", "switch", "stack", "strength", "reselect"),
+    "peft": ("apply", "restore", "switch", "stack", "strength", "reselect"),
+    "peft-hotswap": ("switch",),
+    "lycoris": ("apply", "restore", "switch", "stack", "strength", "reselect"),
+}
+ROW_CASES = {
+    "floor-gemm": ("lora", "locon", "peft"),
+    "peft": ("lora", "locon", "peft", "lora-fp16"),
+    "peft-hotswap": ("lora", "peft"),
+    "lycoris": ("lora", "locon", "lokr", "oft", "lora-fp16"),
+}
+
+
+def quiet() -> None:
+    warnings.filterwarnings("ignore")
+    import logging
+
+    for name in ("diffusers", "transformers", "peft", "LyCORIS", "lycoris"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        import diffusers
+
+        diffusers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.disable_progress_bar()
+    except Exception:
+        pass
+
+
+def touched_weights(components, paths) -> dict[str, dict[str, int]]:
+    """Adapter path → {weight name (Components naming): bytes} that its plan writes."""
+    from lib_adapters.adapter import Adapter
+    from lib_adapters.naming import LayerMap, build_plan
+
+    lm = LayerMap.for_diffusers({k: m.state_dict() for k, m in components.items()})
+    tensors = {f"{c}.{k}": v for c, m in components.items() for k, v in m.state_dict().items()}
+    out = {}
+    for p in paths:
+        plan, _ = build_plan([(Adapter.load(p), 1.0, 1.0)], lm)
+        out[p] = {w: tensors[w].numel() * tensors[w].element_size() for w in plan}
+    return out
+
+
+def make_row(name: str, components, device: str, touched):
+    from . import rows
+
+    if name in ("floor", "floor-gemm"):
+        return rows.FloorRow(components, device, touched, gemm=name == "floor-gemm")
+    if name.startswith("ours-"):
+        return rows.OursRow(components, device, name[len("ours-"):])
+    if name == "peft":
+        return rows.PeftRow(components, device)
+    if name == "peft-hotswap":
+        return rows.PeftRow(components, device, hotswap=True)
+    if name == "lycoris":
+        return rows.LycorisRow(components, device)
+    raise SystemExit(f"unknown row {name!r}")
+
+
+class Recorder:
+    """Times transitions and the peak resident memory above the case's starting point."""
+
+    def __init__(self, row, device: str):
+        self.row, self.device = row, device
+        self.times: dict[str, list[float]] = {}
+        self.phases: dict[str, list[dict]] = {}
+        self.peaks: dict[str, int] = {}
+        self.dev_peaks: dict[str, int] = {}
+        self.base = 0
+
+    def start(self):
+        gc.collect()
+        memory.trim()
+        self.base = memory.rss()
+
+    def timed(self, op: str, fn, *args):
+        memory.reset_peak(self.device)
+        t = time.perf_counter()
+        phases = fn(*args)
+        dt = time.perf_counter() - t
+        self.times.setdefault(op, []).append(dt)
+        self.phases.setdefault(op, []).append(phases)
+        self.peaks[op] = max(self.peaks.get(op, 0), memory.peak() - self.base)
+        dp = memory.device_peak(self.device)
+        if dp is not None:
+            self.dev_peaks[op] = max(self.dev_peaks.get(op, 0), dp)
+
+    def summary(self) -> dict:
+        out = {}
+        for op, ts in self.times.items():
+            phase_names = self.phases[op][0].keys() if self.phases[op] else ()
+            out[op] = {
+                "min": min(ts), "median": statistics.median(ts), "n": len(ts),
+                "phases": {k: statistics.median(p[k] for p in self.phases[op]) for k in phase_names},
+                "peak_extra": self.peaks[op], "device_peak": self.dev_peaks.get(op),
+            }
+        return out
+
+
+def run_floor(row, rec: Recorder, a: str, b: str, touched, n: int, ops):
+    ta, tb = set(touched[a]), set(touched[b])
+    plan = {  # files read, weights written, adapters merged into them (for the gemm floor)
+        "apply": ([a], ta, (a,)), "restore": ([], ta, ()), "switch": ([b], ta | tb, (b,)),
+        "stack": ([b], ta | tb, (a, b)), "strength": ([], ta, (a,)), "reselect": ([], ta | tb, (b,)),
+    }
+    for op in ops:
+        for _ in range(n):
+            rec.timed(op, row.transition, *plan[op])
+
+
+def run_states(row, rec: Recorder, a: str, b: str, n: int, ops):
+    s0, sa, sb, sab, sa6 = (), ((a, 1.0),), ((b, 1.0),), ((a, 1.0), (b, 1.0)), ((a, 0.6),)
+    if "apply" in ops:
+        for _ in range(n):
+            rec.timed("apply", row.goto, sa)
+            rec.timed("restore", row.goto, s0)
+    row.goto(sa)
+    if "switch" in ops:
+        for i in range(n):
+            rec.timed("switch", row.goto, sb if i % 2 == 0 else sa)
+        row.goto(sa)
+    if "stack" in ops:
+        for _ in range(n):
+            rec.timed("stack", row.goto, sab)
+            row.goto(sa)
+    if "strength" in ops:
+        for i in range(n):
+            rec.timed("strength", row.goto, sa6 if i % 2 == 0 else sa)
+        row.goto(sa)
+    if "reselect" in ops:
+        row.goto(sb, True)
+        row.goto(sa, True)
+        for i in range(n):
+            rec.timed("reselect", row.goto, (sb if i % 2 == 0 else sa), True)
+    row.goto(s0)
+    for p in (a, b):
+        row.forget(p)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--row", required=True)
+    ap.add_argument("--files", required=True, help="JSON: case → [file A, file B]")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--family", default="sd1")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--n", type=int, default=3)
+    ap.add_argument("--n-other", type=int, default=0, help="repetitions in the other cases (0: --n)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--cases", default="lora,locon,lokr,oft,peft,lora-fp16")
+    ap.add_argument("--full-ops-cases", default="lora,lora-fp16",
+                    help="cases timed on every operation; the others on apply, restore and switch only")
+    args = ap.parse_args(argv)
+    quiet()
+    torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    files = json.load(open(args.files))
+    t0 = time.perf_counter()
+    components = build(args.family, args.quick, device=args.device)
+    build_s = time.perf_counter() - t0
+    all_files = sorted({p for pair in files.values() for p in pair})
+    touched = touched_weights(components, all_files)
+    result = {"row": args.row, "build_s": build_s, "cases": {}, "model_bytes": {}, "touched_bytes": {}}
+    cases = [c for c in args.cases.split(",") if c in ROW_CASES.get(args.row, c)]
+    full_ops = set(args.full_ops_cases.split(","))
+    result["model_bytes"]["float32"] = model_bytes(components)
+    row = make_row(args.row, components, args.device, touched)
+    for case in cases:
+        if case.endswith("-fp16"):
+            if not getattr(row, "cast_done", False):
+                row.cast(torch.float16)
+                row.cast_done = True
+                result["model_bytes"]["float16"] = result["model_bytes"]["float32"] // 2
+        a, b = files[case.split("-")[0]]
+        ops = ROW_OPS[args.row] if case in full_ops else tuple(o for o in ROW_OPS[args.row] if o in ("apply", "restore", "switch"))
+        if args.row == "peft-hotswap":
+            ops = ("switch",)
+        n = args.n if case in full_ops or not args.n_other else args.n_other
+        rec = Recorder(row, args.device)
+        rec.start()
+        try:
+            if args.row.startswith("floor"):
+                run_floor(row, rec, a, b, touched, n, ops)
+            else:
+                run_states(row, rec, a, b, n, ops)
+            result["cases"][case] = {"ops": rec.summary(), "inexact": list(getattr(row, "inexact", ()))}
+        except Exception as e:  # a peer that cannot load this kind: reported, not fatal
+            result["cases"][case] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+            try:
+                row.goto(())
+            except Exception:
+                pass
+        itemsize = 2 if case.endswith("-fp16") else 4
+        result["touched_bytes"][case] = {
+            "A": sum(touched[a].values()) * itemsize // 4,
+            "AB": sum((touched[a] | touched[b]).values()) * itemsize // 4,
+        }
+        result["files"] = {p: __import__("os").path.getsize(p) for p in all_files}
+    json.dump(result, open(args.out, "w"), indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
