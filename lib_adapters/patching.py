@@ -27,6 +27,7 @@ class Target:
     bias: str | None = None
     rows: tuple[int, int] | None = None
     component: str = "unet"  # "unet" or "te": which strength applies
+    cols: tuple[int, int] | None = None  # input-channel block: a 4-channel conv_in adapter on an inpainting UNet
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class Operation:
 
     @property
     def signature(self) -> tuple:
-        return (self.source, self.strength, self.target.rows)
+        return (self.source, self.strength, self.target.rows, self.target.cols)
 
 
 Plan = dict[str, list[Operation]]
@@ -111,6 +112,11 @@ def _low_rank(patch: LayerPatch, w: Tensor) -> tuple[Tensor, Tensor, float] | No
 
 def _merge_one(op: Operation, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """One operation on (w, b), on its row block; plain LoRA is one in-place addmm (no ΔW temporary)."""
+    if op.target.cols is not None:  # leading input channels only: the same as zero-padding ΔW on that axis
+        lo, hi = op.target.cols
+        new_w, b = op.patch.merge(w[:, lo:hi], op.strength, b)
+        w[:, lo:hi] = new_w
+        return w, b
     lo, hi = op.target.rows if op.target.rows is not None else (0, w.shape[0])
     part = w[lo:hi] if op.target.rows is not None else w
     factors = _low_rank(op.patch, part)
@@ -140,7 +146,8 @@ def compute(ops: list[Operation], weight: Tensor, bias: Tensor | None,
     usable = (out is not None and out.dtype == cd and out.shape == weight.shape and out.device == weight.device
               and out.is_contiguous() and out.data_ptr() != weight.data_ptr())
     src = weight if weight.dtype == cd else weight.to(cd)
-    first = _low_rank(active[0].patch, src) if active and active[0].target.rows is None else None
+    whole = active and active[0].target.rows is None and active[0].target.cols is None
+    first = _low_rank(active[0].patch, src) if whole else None
     if first is not None:  # W' = W + s·γ·up@down in one pass over W, straight into the destination
         up, down, scale = first
         alpha = active[0].strength * scale

@@ -11,10 +11,12 @@ OneTrainer (kohya names, its internal `lora_unet.<path>` / `lora_te1.<path>`, an
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from ..algorithms import DeltaPatch
 from ..errors import AdapterError
 from ..patching import Operation, Plan, Target
 from .families import CROSS_ATTN_WIDTH
@@ -204,6 +206,18 @@ class LayerMap:
         """Every layer an adapter can reach."""
         return {s for _, table in self.routes for s in table.values()}
 
+    def widen_input(self, target: Target, patch) -> Target:
+        """An additive adapter trained on a 4-channel `conv_in` patches the leading input channels of an inpainting
+        (9-channel) or instruct (8-channel) UNet, as A1111 does by zero-padding ΔW."""
+        shape = self.shapes.get(target.weight)
+        in_dim = getattr(patch, "in_dim", None)
+        first_conv = target.weight.endswith(("input_blocks.0.0.weight", "conv_in.weight")) and target.component == "unet"
+        if not (first_conv and shape and len(shape) == 4 and in_dim and isinstance(patch, DeltaPatch)):
+            return target
+        kernel = shape[2] * shape[3]
+        channels = in_dim if in_dim < shape[1] else in_dim // kernel if in_dim % kernel == 0 else shape[1]
+        return dataclasses.replace(target, cols=(0, channels)) if channels < shape[1] else target
+
     def check_fits(self, path: str, module_key: str, patch, target: Target, family: str = "unknown") -> None:
         """Refuse a layer whose tensors do not fit the target weight (an adapter for another model)."""
         shape = self.shapes.get(target.weight)
@@ -212,6 +226,8 @@ class LayerMap:
         rows = target.rows[1] - target.rows[0] if target.rows else shape[0]
         out_dim, in_dim = getattr(patch, "out_dim", None), getattr(patch, "in_dim", None)
         bad_out = out_dim is not None and out_dim != rows
+        if target.cols:
+            shape = (shape[0], target.cols[1] - target.cols[0], *shape[2:])
         bad_in = in_dim is not None and len(shape) > 1 and in_dim not in (shape[1], math.prod(shape[1:]))
         if bad_out or bad_in:
             raise AdapterError(path, f"layer {module_key!r} ({out_dim}×{in_dim}) does not fit {target.weight} "
@@ -302,6 +318,7 @@ def build_plan(entries, layer_map: LayerMap) -> tuple[Plan, dict[str, list[str]]
                 missing.append(key)
                 continue
             for target in targets:
+                target = layer_map.widen_input(target, patch)
                 layer_map.check_fits(adapter.path, key, patch, target, getattr(adapter, "family", "unknown"))
                 strength = unet_strength if target.component == "unet" else te_strength
                 if strength:
