@@ -166,7 +166,7 @@ def compute(ops: list[Operation], weight: Tensor, bias: Tensor | None,
     try:
         for op in active:
             w, b = _merge_one(op, w, b)
-    except ShapeMismatch as e:
+    except (ShapeMismatch, RuntimeError, IndexError) as e:  # a layer whose tensors do not fit, caught late
         if usable:
             out.copy_(weight)
         path, _, rest = op.source.partition("|")
@@ -203,8 +203,8 @@ class Patcher:
     def reconcile(self, plan: Plan) -> dict[str, int]:
         """Make the store equal originals + `plan`; returns counts of recomputed, restored and kept weights.
 
-        An AdapterError (a layer that does not fit its weight) leaves the failing weight untouched; reconcile again
-        without that adapter to reach a consistent state.
+        On an AdapterError (a layer that does not fit its weight) the failing weight is back at its original and
+        no longer counted as applied; reconcile again without that adapter to reach the requested state.
         """
         stats = {"recomputed": 0, "restored": 0, "kept": 0}
         for name in list(self.applied):
@@ -217,10 +217,15 @@ class Patcher:
             if self.applied.get(name) == signature:
                 stats["kept"] += 1
                 continue
-            weight = self._original(name)
-            bias = self._original(bias_name) if bias_name and self.store.has(bias_name) else None
-            live = self.store.get(name) if getattr(self.store, "in_place", False) else None
-            new_w, new_b = compute(ops, weight, bias, out=live)
+            current = self.store.get(name)
+            weight = self._original(name).to(current.device)  # compute where the model lives (GPU), not on the backup
+            bias = self._original(bias_name).to(current.device) if bias_name and self.store.has(bias_name) else None
+            live = current if getattr(self.store, "in_place", False) else None
+            try:
+                new_w, new_b = compute(ops, weight, bias, out=live)
+            except AdapterError:
+                self._reset_one(name, bias_name if bias is not None else None)
+                raise
             self._write(name, new_w)
             if bias_name and bias is not None:
                 self._write(bias_name, new_b)
@@ -228,6 +233,14 @@ class Patcher:
             self.applied[name] = signature
             stats["recomputed"] += 1
         return stats
+
+    def _reset_one(self, name: str, bias_name: str | None) -> None:
+        """Put one weight (and its bias) back to the original, keeping the backup; it is no longer applied."""
+        self.store.set(name, self.originals[name])
+        if bias_name:
+            self.store.set(bias_name, self.originals[bias_name])
+        self.applied.pop(name, None)
+        self.bias_of.pop(name, None)
 
     def _restore_one(self, name: str) -> None:
         self.store.set(name, self.originals.pop(name))

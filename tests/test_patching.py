@@ -118,3 +118,33 @@ def test_a_layer_that_does_not_fit_raises_adapter_error_naming_the_file():
         Patcher(StateDictStore(weights)).reconcile({"a.weight": [bad]})
     assert "bad.safetensors" in str(e.value) and "lora_unet_x" in str(e.value)
     assert torch.equal(weights["a.weight"], before)
+
+
+def test_after_a_failed_reconcile_the_next_one_reapplies_the_weight():
+    import pytest
+
+    from lib_adapters.errors import AdapterError
+
+    layer = torch.nn.Linear(6, 8)
+    base = layer.weight.detach().clone()
+    patcher = Patcher(ModuleStore(layer, prefix="a."))
+    good = plan_of([("la", 1.0)])
+    patcher.reconcile(good)
+    expected = layer.weight.detach().clone()
+    bad = Operation(lora(8, 5), 1.0, Target("a.weight", "a.bias"), "/loras/bad.safetensors|0|x")
+    with pytest.raises(AdapterError):
+        patcher.reconcile({"a.weight": good["a.weight"] + [bad]})
+    assert torch.equal(layer.weight, base)  # the failing weight is back at its original, not half-patched
+    assert patcher.reconcile(good)["recomputed"] == 1
+    assert torch.equal(layer.weight, expected)
+    patcher.restore()
+    assert torch.equal(layer.weight, base)
+
+
+def test_lora_factors_whose_rank_axes_disagree_are_refused_at_load():
+    import pytest
+
+    from lib_adapters.errors import ShapeMismatch
+
+    with pytest.raises(ShapeMismatch):
+        LoRAPatch.from_params({"lora_up.weight": torch.ones(8, 2, 3, 3), "lora_down.weight": torch.ones(2, 4, 3, 3)})

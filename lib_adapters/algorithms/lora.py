@@ -52,7 +52,7 @@ class LoRAPatch(DeltaPatch):
             return None
         up, down, mid = p["lora_up.weight"], p["lora_down.weight"], p.get("lora_mid.weight")
         r = down.shape[0]
-        if up.ndim < 2 or down.ndim < 2 or up.shape[1] != r:
+        if up.ndim < 2 or down.ndim < 2 or flat(up).shape[1] != r:
             raise ShapeMismatch(f"lora_up {list(up.shape)} and lora_down {list(down.shape)} disagree on the rank")
         if mid is not None and (mid.ndim != 4 or tuple(mid.shape[:2]) != (r, r)):
             raise ShapeMismatch(f"lora_mid {list(mid.shape)} does not fit rank {r}")
