@@ -262,3 +262,12 @@ def test_real_clip_vocabulary_tokenizes_like_clip():
     if find_clip_bpe() is None:
         pytest.skip("no package ships the CLIP BPE vocabulary here (pip install --no-deps open_clip_torch)")
     assert clip_tokenizer()("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+def test_a_pickled_checkpoint_is_refused_even_with_an_explicit_family(tmp_path):
+    from lib_adapters.errors import AdapterError
+
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {}}, path)
+    with pytest.raises(AdapterError, match="pickled"):
+        load_checkpoint_pipeline(path, family="sd1")

@@ -101,8 +101,13 @@ class DiffusersAdapters:
         """Bring the weights to originals + exactly these adapters; all files are checked before any weight moves."""
         resolved = self.resolve(entries)
         plan, self.unmatched = build_plan(resolved, self.layer_map)
-        with torch.no_grad():
-            stats = self.patcher.reconcile(plan)
+        try:
+            with torch.no_grad():
+                stats = self.patcher.reconcile(plan)
+        except AdapterError:
+            self.patcher.restore()  # never leave a half-applied set: back to the originals
+            self.active = []
+            raise
         self.active = resolved
         return stats
 
@@ -168,7 +173,10 @@ def load_checkpoint_pipeline(path: str | os.PathLike, family: str | None = None,
     from ..configs import config_dir as shipped_config, family_tokenizers, load_config
 
     path = str(path)
-    family = family or checkpoint_family(path)  # also refuses pickles and broken files
+    from ..files import read_header
+
+    read_header(path)  # refuses pickles and broken files before diffusers opens the file, --family or not
+    family = family or checkpoint_family(path)
     folder = str(config_dir or shipped_config(family))
     tokenizers = tokenizers if tokenizers is not None else family_tokenizers(family, folder)
     scheduler_config = load_config(family, "scheduler") if config_dir is None else None
