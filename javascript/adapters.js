@@ -292,11 +292,13 @@
     function syncTab(tab) {
         var area = promptArea(tab, false);
         var text = area ? area.value : "";
-        var tags = findTags(text, undefined, 1);
+        var byOrder = {};  // two numbers are read in the tag order the card carries (setting "unet,te" / "te,unet")
         cardsOf(tab).forEach(function(card) {
             var payload = payloadOf(card);
             if (!payload) return;
             decorate(card);
+            var order = payload.order || "unet,te";
+            var tags = byOrder[order] || (byOrder[order] = findTags(text, order, 1));
             var found = null;
             tags.forEach(function(t) {
                 if (sameName(t.name, payload.name)) found = t;

@@ -243,3 +243,9 @@ def test_card_tag_follows_the_scripts_strength_order_setting(host):
     assert text.startswith("<lora:sd1:0.5:0.8>")
     _, [tag] = tags.parse_prompt(text, order="te,unet")
     assert (tag.unet, tag.te) == (0.8, 0.5)
+
+
+def test_metadata_hash_reaches_the_card_only_as_twelve_hex_digits():
+    assert panel.short_hash("0123456789abcdef0123") == "0123456789ab"
+    assert panel.short_hash('"><img src=x onerror=1>') == ""
+    assert panel.short_hash(None) == ""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import re
 
 from .. import cards
 
@@ -17,6 +18,12 @@ SHOW_ALL_OPTION = "adapters_show_all"
 SD_VERSIONS = {"sd1": "SdVersion.SD1", "sd2": "SdVersion.SD2", "sdxl": "SdVersion.SDXL", "flux": "SdVersion.Flux"}
 USER_VERSIONS = {"SD1": "sd1", "SD2": "sd2", "SDXL": "sdxl", "Flux": "flux"}
 
+
+
+def short_hash(value) -> str:
+    """The first 12 hex digits of a metadata hash; anything else (the host shows it unescaped) is dropped."""
+    value = str(value or "")[:12]
+    return value if re.fullmatch(r"[0-9a-fA-F]{12}", value) else ""
 
 def builtin_lora_enabled() -> bool:
     """Whether the host's own Lora extension is active (its page would then be titled "Lora" too)."""
@@ -245,7 +252,7 @@ def make_page_class():
                 terms.append(f"rank {card.rank}")
             terms += [t for t, _ in card.training.tags[:5]]
             item.update({
-                "shorthash": str(card.metadata.get("sshs_model_hash", ""))[:12],
+                "shorthash": short_hash(card.metadata.get("sshs_model_hash")),
                 "preview": preview,
                 "description": description_of(card, user, is_html),
                 "search_terms": [html.escape(t) for t in terms if t],
