@@ -178,7 +178,6 @@ def run_generate(args) -> int:
     demo = args.checkpoint is None
     prompt = args.prompt if args.prompt is not None else (DEMO_PROMPT if demo else "")
     text, tags = parse_prompt(prompt)
-    tags = combine(tags)
     neg_text, neg_tags = parse_prompt(args.negative_prompt or "")
     if neg_tags:
         raise AdapterError(None, f"adapter tags belong in the prompt, not the negative prompt ({neg_tags[0].text})")
@@ -224,7 +223,7 @@ def run_generate(args) -> int:
     device = torch.device(args.device)
     pipe.to(device)
 
-    base = [(index.find(t.name), t.unet, t.te) for t in tags] + explicit
+    base = [(path, t.unet, t.te) for path, t in combine(tags, index.find)] + explicit
     stems = {Path(p).stem.lower() for p, _, _ in base}
     for axis in axes:
         if axis.adapter is not None and axis.adapter.lower() not in stems:

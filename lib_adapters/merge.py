@@ -33,7 +33,7 @@ def find_adapters(prompt: str, lora_dirs: list[str]) -> list[tuple[Adapter, floa
             raise AdapterError(d, "--lora-dir is not a folder")
     _, tags = parse_prompt(prompt)
     index = AdapterIndex(lora_dirs)
-    return [(Adapter.load(index.find(tag.name)), tag.unet, tag.te) for tag in combine(tags)]
+    return [(Adapter.load(path), tag.unet, tag.te) for path, tag in combine(tags, index.find)]
 
 
 def checkpoint_layer_map(path: str) -> LayerMap:

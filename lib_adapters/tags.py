@@ -84,15 +84,16 @@ def parse_prompt(prompt: str, order: str = "unet,te", default: float = 1.0) -> t
     return TAG.sub("", prompt).strip(), tags
 
 
-def combine(tags: list[AdapterTag]) -> list[AdapterTag]:
-    """The same adapter named twice is one adapter with summed strengths, at its first position."""
+def combine(tags: list[AdapterTag], resolve=str.lower) -> list[tuple[str, AdapterTag]]:
+    """[(resolve(name), tag)]: tags resolving to the same adapter (pass an index's `find` to compare files, not
+    spellings) become one with summed strengths, at the first one's position."""
     merged: dict[str, AdapterTag] = {}
     for t in tags:
-        key = t.name.lower()
+        key = resolve(t.name)
         if key in merged:
             m = merged[key]
             merged[key] = AdapterTag(m.name, m.unet + t.unet, m.te + t.te, max(m.positional, t.positional),
                                      m.notices + t.notices, m.text)
         else:
             merged[key] = t
-    return list(merged.values())
+    return list(merged.items())

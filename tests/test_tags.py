@@ -55,7 +55,16 @@ def test_prompt_tags_are_removed_and_kept_in_order():
 
 def test_same_adapter_twice_sums_strengths():
     merged = combine([parse_tag("a:0.5:0.1"), parse_tag("b:1"), parse_tag("A:0.25")])
-    assert [(t.name, t.unet, t.te) for t in merged] == [("a", 0.75, 0.35), ("b", 1.0, 1.0)]
+    assert [(t.name, t.unet, t.te) for _, t in merged] == [("a", 0.75, 0.35), ("b", 1.0, 1.0)]
+
+
+def test_combining_by_file_keeps_different_files_apart_and_joins_spellings_of_one():
+    files = {"Style": "/l/Style.safetensors", "style": "/l/style.safetensors", "sub/x": "/l/sub/x.safetensors",
+             "x": "/l/sub/x.safetensors"}
+    merged = combine([parse_tag("Style:1"), parse_tag("style:0.5"), parse_tag("x:0.2"), parse_tag("sub/x:0.3")],
+                     files.__getitem__)
+    assert [(p, t.unet) for p, t in merged] == [("/l/Style.safetensors", 1.0), ("/l/style.safetensors", 0.5),
+                                               ("/l/sub/x.safetensors", 0.5)]
 
 
 def test_strengths_rejects_unknown_order():

@@ -117,10 +117,9 @@ class DiffusersAdapters:
         if lora_dirs:
             self.index = AdapterIndex(list(lora_dirs))
         text, tags = parse_prompt(prompt)
-        tags = combine(tags)
         if tags and self.index is None:
             raise AdapterError(None, f"the prompt names adapters ({tags[0].text}) but no adapter folder was given")
-        self.apply([(self.index.find(t.name), t.unet, t.te) for t in tags])
+        self.apply([(path, t.unet, t.te) for path, t in combine(tags, self.index.find)])
         return text
 
     def restore(self) -> None:
