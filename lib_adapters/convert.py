@@ -19,6 +19,7 @@ import torch
 
 from .adapter import BUNDLED_EMBEDDING_PREFIX, Adapter
 from .algorithms import kind_name
+from .algorithms.base import rank_scale
 from .errors import AdapterError
 from .files import DTYPE_NAMES, DTYPES, load_tensors, read_header, save_tensors
 from .keys import group_keys
@@ -33,6 +34,15 @@ PEFT_NAMES = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.wei
               "lora_magnitude_vector": "lora_magnitude_vector"}
 KOHYA_NAMES = {"lora_down.weight": "lora_down.weight", "lora_up.weight": "lora_up.weight",
                "lora_magnitude_vector": "dora_scale"}
+
+
+def effective_alpha(inner) -> float:
+    """The alpha that gives the layer's actual scale with a plain alpha / rank: rsLoRA and explicit `scale`
+    keys are folded in (a missing or zero alpha means scale 1, i.e. alpha = rank)."""
+    if getattr(inner, "scale_override", None) is None and getattr(inner, "alpha_value", None):
+        return inner.alpha_value  # exactly as stored: no round trip through alpha / rank
+    scale = rank_scale(getattr(inner, "alpha_value", None), inner.rank, getattr(inner, "scale_override", None))
+    return scale * inner.rank
 
 
 @lru_cache(maxsize=3)
@@ -154,7 +164,7 @@ def to_peft(path: str, tensors: dict, metadata: dict, family: str | None, target
             raise AdapterError(path, f"layer {module!r} matches no layer of a {family} model; not converted")
         comp, _, rel = name.partition(".")
         rank = inner.rank or 1  # LoKr with both factors full: no rank, scale 1
-        alpha = inner.alpha_value if inner.alpha_value and inner.rank else (1.0 if not inner.rank else None)
+        alpha = effective_alpha(inner) if inner.rank else 1.0
         if "alpha" in params:
             hint["alpha_dtype"] = DTYPE_NAMES[params["alpha"].dtype]
             if not float(params["alpha"]):
@@ -231,8 +241,7 @@ def to_kohya(path: str, tensors: dict, metadata: dict, family: str | None) -> tu
             out[f"{key}.{KOHYA_NAMES.get(param, param)}"] = t
         if name in hint.get("no_alpha", ()):
             continue
-        alpha = 0.0 if name in hint.get("zero_alpha", ()) else (
-            inner.alpha_value if getattr(inner, "alpha_value", None) else float(inner.rank or 1))
+        alpha = 0.0 if name in hint.get("zero_alpha", ()) else (effective_alpha(inner) if inner.rank else 1.0)
         dtype = alpha_dtype or (params["alpha"].dtype if "alpha" in params else
                                 next((t.dtype for t in params.values() if t.is_floating_point()), torch.float32))
         out[f"{key}.alpha"] = torch.tensor(alpha, dtype=dtype)

@@ -218,3 +218,23 @@ def test_sdxl_te1_te2_convert_loads_in_diffusers_and_round_trips(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert h1.metadata == h2.metadata
     assert HINT_KEY not in h2.metadata
+
+
+def test_rslora_scale_survives_conversion_to_kohya(demo, tmp_path):
+    """PEFT rsLoRA scales by alpha/√r; the kohya file must carry the alpha that gives that scale with alpha/r."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    donor = build_demo_pipeline()
+    config = LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["to_q", "to_v"], init_lora_weights=False)
+    donor.unet.add_adapter(config)
+    state = get_peft_model_state_dict(donor.unet)
+    diffusers.StableDiffusionPipeline.save_lora_weights(str(tmp_path), unet_lora_layers=state,
+                                                        unet_lora_adapter_metadata=config.to_dict(),
+                                                        weight_name="rs.safetensors")
+    kohya = tmp_path / "rs_kohya.safetensors"
+    convert_file(tmp_path / "rs.safetensors", kohya, "kohya", family="sd1")
+    _, tensors = load_tensors(kohya)
+    assert {float(v) for k, v in tensors.items() if k.endswith(".alpha")} == {8 / 4**0.5 * 4}  # γ = 8/√4 = 4
+    pipe, _, _ = demo
+    close(our_merge(pipe, kohya), our_merge(pipe, tmp_path / "rs.safetensors"))
