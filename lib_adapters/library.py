@@ -29,6 +29,10 @@ class AdapterIndex:
                     found.extend(Path(root) / f for f in files if f.lower().endswith(ADAPTER_SUFFIXES))
         # .safetensors before a pickle of the same name
         self.paths = sorted(found, key=lambda p: (str(p.with_suffix("")).lower(), p.suffix.lower() != ".safetensors"))
+        self.by_name: dict[str, list[Path]] = {}  # stem and relative name, as spelled and case-folded → files
+        for p in self.paths:
+            for key in {p.stem, self.relative_name(p), p.stem.lower(), self.relative_name(p).lower()}:
+                self.by_name.setdefault(key, []).append(p)
 
     def relative_name(self, path: Path) -> str:
         """'sub/name' for a file under one of the folders, without extension."""
@@ -44,7 +48,7 @@ class AdapterIndex:
 
     def _candidates(self, name: str, fold) -> list[Path]:
         key = fold(name.replace("\\", "/"))
-        hits = [p for p in self.paths if fold(p.stem) == key or fold(self.relative_name(p)) == key]
+        hits = [p for p in self.by_name.get(key, ()) if fold(p.stem) == key or fold(self.relative_name(p)) == key]
         if not hits:
             hits = [Path(p) for a, p in self.aliases.items() if fold(a) == key]
         unique = {}
