@@ -17,6 +17,7 @@ class AdapterIndex:
     def __init__(self, dirs: list[str | os.PathLike] | str | os.PathLike):
         self.dirs = [Path(d) for d in ([dirs] if isinstance(dirs, (str, os.PathLike)) else dirs)]
         self.aliases: dict[str, str] = {}
+        self.alias_by_path: dict[str, str] = {}
         self.paths: list[Path] = []
         self.refresh()
 
@@ -45,6 +46,10 @@ class AdapterIndex:
 
     def add_alias(self, alias: str, path: str | os.PathLike) -> None:
         self.aliases[alias] = str(path)
+        self.alias_by_path[str(path)] = alias
+
+    def alias_of(self, path: str | os.PathLike) -> str | None:
+        return self.alias_by_path.get(str(path))
 
     def _candidates(self, name: str, fold) -> list[Path]:
         key = fold(name.replace("\\", "/"))

@@ -207,11 +207,8 @@ class Library:
 
     def alias(self, path: str) -> str:
         """The name the builtin would show: the metadata alias when it is usable, else the stem."""
-        if self.index is not None:
-            for alias, target in self.index.aliases.items():
-                if target == str(path):
-                    return alias
-        return os.path.splitext(os.path.basename(path))[0]
+        alias = self.index.alias_of(path) if self.index is not None else None
+        return alias or os.path.splitext(os.path.basename(path))[0]
 
     def find(self, name: str) -> str:
         if self.index is None:
