@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .adapter import Adapter
-from .errors import AdapterError, ShapeMismatch
+from .errors import AdapterError
 from .files import load_tensors, read_header, save_tensors
 from .library import AdapterIndex
 from .naming import LayerMap, build_plan
@@ -51,11 +51,7 @@ def merge_in_place(tensors: dict[str, torch.Tensor], plan: Plan) -> int:
         bias_name = next((op.target.bias for op in ops if op.target.bias and op.target.bias in tensors), None)
         weight = tensors[name]
         bias = tensors[bias_name] if bias_name else None
-        try:
-            new_w, new_b = compute(ops, weight, bias)
-        except ShapeMismatch as e:
-            source = ops[0].source.split("|")[0]
-            raise AdapterError(source, f"does not fit {name}: {e}") from None
+        new_w, new_b = compute(ops, weight, bias)  # a layer that does not fit raises AdapterError naming its file
         weight.copy_(new_w.to(weight.dtype))
         if bias is not None and new_b is not None:
             bias.copy_(new_b.to(bias.dtype))

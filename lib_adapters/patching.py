@@ -8,7 +8,7 @@ in the plan are restored, untouched ones are not read. Math in float32 (float64 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -72,9 +72,6 @@ class StateDictStore:
     def has(self, name):
         return name in self.tensors
 
-    def names(self) -> Iterable[str]:
-        return self.tensors.keys()
-
 
 class ModuleStore:
     """An nn.Module's parameters and buffers by dotted name; `set` copies in place (no new storage)."""
@@ -94,9 +91,6 @@ class ModuleStore:
 
     def has(self, name):
         return name in self.tensors
-
-    def names(self) -> Iterable[str]:
-        return self.tensors.keys()
 
 
 def _low_rank(patch: LayerPatch, w: Tensor) -> tuple[Tensor, Tensor, float] | None:

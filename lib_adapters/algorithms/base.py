@@ -97,8 +97,6 @@ class LayerPatch:
     def tensors(self) -> list[Tensor]:
         return [v for v in vars(self).values() if isinstance(v, Tensor)]
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
 @dataclass
