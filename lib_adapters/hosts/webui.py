@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from .. import tags
 from ..adapter import Adapter
 from ..errors import AdapterError
+from ..files import read_header
 from ..library import AdapterIndex
 from ..naming import build_plan
 from ..patching import Plan
@@ -154,14 +155,8 @@ def adapter_dirs() -> list[str]:
 def read_metadata(path: str) -> dict:
     """A safetensors file's `__metadata__` (strings), {} for anything unreadable."""
     try:
-        with open(path, "rb") as f:
-            n = struct.unpack("<Q", f.read(8))[0]
-            if n > 100 * 1024 * 1024:
-                return {}
-            doc = json.loads(f.read(n))
-        meta = doc.get("__metadata__") or {}
-        return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
-    except (OSError, ValueError, struct.error, AttributeError):
+        return read_header(path).metadata
+    except AdapterError:
         return {}
 
 
