@@ -7,7 +7,6 @@ size as a sparse file (the data section is never read by a listing, so it costs 
 from __future__ import annotations
 
 import json
-import os
 import struct
 import sys
 import time

@@ -49,13 +49,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
     from .rows import OursRow, PeftRow
-    from .worker import quiet
+    from .worker import start
 
-    quiet()
-    torch.set_grad_enabled(False)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    files = json.load(open(args.files))
+    files = start(args)
     a = files["lora"][0]
     components = build(args.family, args.quick, device=args.device)
     unet = components["unet"]

@@ -53,6 +53,16 @@ def quiet() -> None:
         pass
 
 
+def start(args) -> dict:
+    """A worker process's common start: quiet libraries, no autograd, the thread count, the adapter file list."""
+    quiet()
+    torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with open(args.files) as f:
+        return json.load(f)
+
+
 def touched_weights(components, paths) -> dict[str, dict[str, int]]:
     """Adapter path → {weight name (Components naming): bytes} that its plan writes."""
     from lib_adapters.adapter import Adapter
@@ -178,11 +188,7 @@ def main(argv=None) -> int:
     ap.add_argument("--full-ops-cases", default="lora,lora-fp16",
                     help="cases timed on every operation; the others on apply, restore and switch only")
     args = ap.parse_args(argv)
-    quiet()
-    torch.set_grad_enabled(False)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    files = json.load(open(args.files))
+    files = start(args)
     t0 = time.perf_counter()
     components = build(args.family, args.quick, device=args.device)
     build_s = time.perf_counter() - t0

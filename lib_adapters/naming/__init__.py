@@ -202,10 +202,6 @@ class LayerMap:
         vector = getattr(patch, "scale_vector", None)
         return int(vector.numel()) if vector is not None else None
 
-    def slots(self) -> set[Slot]:
-        """Every layer an adapter can reach."""
-        return {s for _, table in self.routes for s in table.values()}
-
     def widen_input(self, target: Target, patch) -> Target:
         """An additive adapter trained on a 4-channel `conv_in` patches the leading input channels of an inpainting
         (9-channel) or instruct (8-channel) UNet, as A1111 does by zero-padding ΔW."""
