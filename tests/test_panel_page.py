@@ -233,13 +233,13 @@ def test_family_check_reads_the_loaded_model_without_loading_one(host, monkeypat
 def test_card_tag_follows_the_scripts_strength_order_setting(host):
     from modules import shared
 
-    from lib_adapters.hosts import webui
+    from lib_adapters.hosts import settings
 
-    shared.opts.data[webui.OPT_ORDER] = "te,unet"
+    shared.opts.data[settings.OPT_ORDER] = "te,unet"
     try:
         text = json.loads(items_of(make_page())["sd1"]["prompt"])
     finally:
-        shared.opts.data.pop(webui.OPT_ORDER)
+        shared.opts.data.pop(settings.OPT_ORDER)
     assert text.startswith("<lora:sd1:0.5:0.8>")
     _, [tag] = tags.parse_prompt(text, order="te,unet")
     assert (tag.unet, tag.te) == (0.8, 0.5)

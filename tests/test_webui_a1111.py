@@ -121,7 +121,7 @@ def test_only_changed_layers_are_recomputed(host):
     keys = list(KEYS["sd1"])
     lora(host, model, "a", "sd1", keys=keys[:4])
     lora(host, model, "b", "sd1", keys=keys[4:])
-    runtime = host.webui.RUNTIME
+    runtime = host.runtime
     host.generate("<lora:a:1> <lora:b:1>")
     assert runtime.last_stats == {"recomputed": 7, "restored": 0, "kept": 0}
     host.generate("<lora:a:1> <lora:b:0.5>")
@@ -346,7 +346,7 @@ def test_parsed_adapters_are_cached_until_the_file_changes(host):
     model = host.use(A1111Model("sd1"))
     lora(host, model, "a", "sd1", seed=1)
     lora(host, model, "b", "sd1", seed=2)
-    cache = host.webui.RUNTIME.cache
+    cache = host.runtime.cache
     for prompt in ("<lora:a:1>", "<lora:b:1>", "<lora:a:0.5>", "<lora:b:1>", "<lora:a:1>"):
         host.generate(prompt)
     assert cache.reads == 2
@@ -370,7 +370,7 @@ def test_pasted_infotext_keeps_two_number_meaning_and_maps_hashes(host):
 
     model = host.use(A1111Model("sd1"))
     lora(host, model, "local_name", "sd1", metadata={"sshs_model_hash": "abcdef123456ff"})
-    host.webui.RUNTIME.library.refresh()
+    host.runtime.library.refresh()
     params = {"Prompt": "cat <lora:remote:0.2:0.9> <lora:x:1>", "Adapter strength order": "te,unet",
               "Lora hashes": "remote: abcdef123456"}
     script_callbacks.infotext_pasted_callback("", params)

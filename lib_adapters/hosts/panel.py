@@ -40,11 +40,11 @@ def page_title() -> str:
 
 
 def default_dirs() -> list[str]:
-    """The folders the WebUI script loads adapters from (`webui.adapter_dirs`), else the host's LoRA folders."""
+    """The folders the WebUI script loads adapters from (`index.adapter_dirs`), else the host's LoRA folders."""
     try:
-        from . import webui
+        from .index import adapter_dirs
 
-        dirs = list(webui.adapter_dirs())
+        dirs = list(adapter_dirs())
     except Exception:  # the script's module missing or broken: the panel still lists the host's folders
         from modules import shared
 
@@ -59,9 +59,9 @@ def default_dirs() -> list[str]:
 def default_order() -> str:
     """The order the WebUI script reads two positional strengths in (its setting), else ours: "unet,te"."""
     try:
-        from . import webui
+        from .settings import tag_order
 
-        return webui.tag_order()
+        return tag_order()
     except Exception:
         return "unet,te"
 

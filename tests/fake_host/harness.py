@@ -21,9 +21,9 @@ class Host:
     models: dict = field(default_factory=dict)
 
     @property
-    def webui(self):
-        from lib_adapters.hosts import webui
-        return webui
+    def runtime(self):
+        from lib_adapters.hosts.runtime import RUNTIME
+        return RUNTIME
 
     def set_option(self, key, value):
         self.shared.opts.set(key, value)

@@ -1,0 +1,90 @@
+"""Adapter files by name for the WebUI: the host's Lora folders, indexed like the builtin names them."""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import AdapterError
+from ..files import read_header
+from ..library import AdapterIndex
+
+
+def adapter_dirs() -> list[str]:
+    """`--lora-dir` (defined by the builtin's preload, even when it is disabled) and A1111's LyCORIS folder."""
+    from modules import paths, shared
+
+    dirs = [getattr(shared.cmd_opts, "lora_dir", None) or os.path.join(paths.models_path, "Lora"),
+            getattr(shared.cmd_opts, "lyco_dir_backcompat", None)]
+    out: list[str] = []
+    for d in dirs:
+        if d and os.path.abspath(d) not in out:
+            out.append(os.path.abspath(d))
+    return out
+
+
+def read_metadata(path: str) -> dict:
+    """A safetensors file's `__metadata__` (strings), {} for anything unreadable."""
+    try:
+        return read_header(path).metadata
+    except AdapterError:
+        return {}
+
+
+class Library:
+    """Adapter files by name like the builtin: stem, sub-folder path, metadata alias (`ss_output_name`) when it
+    is unique, case-insensitive when unique. A missing name triggers one rescan."""
+
+    def __init__(self, dirs=None):
+        self._dirs = dirs
+        self.index: AdapterIndex | None = None
+        self.meta: dict[str, tuple[tuple, dict]] = {}
+
+    def dirs(self) -> list[str]:
+        return list(self._dirs) if self._dirs is not None else adapter_dirs()
+
+    def refresh(self) -> None:
+        self.index = AdapterIndex(self.dirs())
+        stems = {p.stem.lower() for p in self.index.paths}
+        seen: dict[str, list[str]] = {}
+        for p in self.index.paths:
+            alias = self.metadata(str(p)).get("ss_output_name", "").strip()
+            if alias and alias.lower() != p.stem.lower():
+                seen.setdefault(alias.lower(), []).append(str(p))
+        for p in self.index.paths:
+            alias = self.metadata(str(p)).get("ss_output_name", "").strip()
+            key = alias.lower()
+            if alias and len(seen.get(key, ())) == 1 and key not in stems and key != "none":
+                self.index.add_alias(alias, p)
+
+    def metadata(self, path: str) -> dict:
+        """Header metadata, cached by mtime and size."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return {}
+        stamp = (st.st_mtime_ns, st.st_size)
+        cached = self.meta.get(path)
+        if cached and cached[0] == stamp:
+            return cached[1]
+        meta = read_metadata(path) if path.lower().endswith(".safetensors") else {}
+        self.meta[path] = (stamp, meta)
+        return meta
+
+    def alias(self, path: str) -> str:
+        """The name the builtin would show: the metadata alias when it is usable, else the stem."""
+        alias = self.index.alias_of(path) if self.index is not None else None
+        return alias or os.path.splitext(os.path.basename(path))[0]
+
+    def find(self, name: str) -> str:
+        if self.index is None:
+            self.refresh()
+        try:
+            return self.index.find(name)
+        except AdapterError:
+            self.refresh()
+            return self.index.find(name)
+
+    def paths(self) -> list[str]:
+        if self.index is None:
+            self.refresh()
+        return [str(p) for p in self.index.paths]
