@@ -16,6 +16,7 @@ from .algorithms import ALGORITHM_NAMES, LayerPatch, detect, kind_name
 from .errors import AdapterError, ShapeMismatch
 from .files import Header, load_tensors, read_header
 from .keys import group_keys, key_format
+from .naming import DIT_FAMILIES
 from .naming.families import detect_family
 
 SHOWN_METADATA_PREFIXES = ("ss_", "modelspec.", "sshs_", "ssmd_")
@@ -92,6 +93,7 @@ class Adapter:
     key_format: str = "unknown"
     family: str = "unknown"
     header: Header | None = None
+    zero_layers: list[str] = field(default_factory=list)  # all-zero diffs (mixture/extracted files): no work
 
     @property
     def name(self) -> str:
@@ -112,8 +114,16 @@ class Adapter:
             # a float64 sum is NaN/Inf exactly when some element is (no finite adapter overflows it): 3-4× faster
             if t.is_floating_point() and not bool(torch.isfinite(t.sum(dtype=torch.float64))):
                 raise AdapterError(path, f"tensor {name!r} contains NaN or Inf values")
+        renames = {}
+        for family in DIT_FAMILIES:
+            if hasattr(family, "file_renames"):
+                renames.update(family.file_renames(tensors))
+        raw_keys = list(tensors)
+        if renames:
+            tensors = {renames.get(k, k): t for k, t in tensors.items()}
         groups, unmatched = group_keys(tensors)
         layers: dict[str, LayerPatch] = {}
+        zero_layers = []
         for module, params in groups.items():
             try:
                 patch, unused = detect(params)
@@ -124,15 +134,18 @@ class Adapter:
             if patch is None:
                 unmatched.extend(f"{module}.{p}" for p in unused)
                 continue
+            if getattr(patch, "is_zero", False):
+                zero_layers.append(module)
+                continue
             layers[module] = patch
             unmatched.extend(f"{module}.{p}" for p in unused)
-        if not layers:
+        if not layers and not zero_layers:
             what = "no tensors" if not tensors else f"{len(tensors)} tensors, none with a known adapter key signature"
             raise AdapterError(path, f"not an adapter: {what} (is it a checkpoint or an embedding?)")
         unmatched = sorted(k for k in unmatched if not k.startswith(BUNDLED_EMBEDDING_PREFIX))
         apply_peft_config(layers, metadata)
         family = detect_family({k: p.in_dim for k, p in layers.items()}, metadata)
-        return cls(path, metadata, layers, unmatched, key_format(list(tensors)), family, header)
+        return cls(path, metadata, layers, unmatched, key_format(raw_keys), family, header, sorted(zero_layers))
 
     def algorithms(self) -> dict[str, int]:
         """Algorithm name → number of layers."""
@@ -177,4 +190,5 @@ class Adapter:
             "alpha": self.alphas() or None,
             "metadata": self.shown_metadata(),
             "unmatched": self.unmatched,
+            "zero_layers": len(self.zero_layers),
         }

@@ -17,6 +17,7 @@ SPELLINGS: dict[str, str] = {
     "lora_mid.weight": "lora_mid.weight",
     "lora_B.weight": "lora_up.weight",
     "lora_A.weight": "lora_down.weight",
+    "lora_B.bias": "lora_up.bias",
     "lora.up.weight": "lora_up.weight",
     "lora.down.weight": "lora_down.weight",
     "lora_linear_layer.up.weight": "lora_up.weight",
@@ -34,6 +35,7 @@ PLAIN_PARAMS = (
     "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
     "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t1", "lokr_t2",
     "oft_blocks", "oft_diag", "boft_blocks", "rescale", "on_input", "diff", "diff_b", "w_norm", "b_norm",
+    "set_weight",
 )
 SPELLINGS.update({p: p for p in PLAIN_PARAMS})
 MAX_SUFFIX_PARTS = max(s.count(".") + 1 for s in SPELLINGS)
@@ -43,11 +45,16 @@ COMPANION_ONLY = {"weight", "bias"}
 _PEFT_ADAPTER_NAME = re.compile(r"\.(lora_[AB]|lora_magnitude_vector|hada_\w+|lokr_\w+)\.default(?=\.weight$|$)")
 _PROCESSOR = re.compile(r"^(.*?)\.(?:processor\.)?(to_q|to_k|to_v|to_out)_lora\.(up|down)\.weight$")
 _TE_PROCESSOR = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+# XLabs Flux processors: `double_blocks.N.processor.qkv_lora1.down.weight` (module = the processor's LoRA).
+_XLABS = re.compile(r"^(.*\.processor\.(?:qkv|proj)_lora\d?)\.(up|down)\.weight$")
 
 
 def normalise_key(key: str) -> str:
     """Rewrite PEFT adapter names and attention-processor spellings to the plain module.param form."""
     key = _PEFT_ADAPTER_NAME.sub(r".\1", key)
+    m = _XLABS.match(key)
+    if m:
+        return f"{m.group(1)}.lora_{m.group(2)}.weight"
     m = _PROCESSOR.match(key)
     if m:
         module, proj, side = m.groups()
@@ -90,9 +97,13 @@ def group_keys(tensors: dict[str, Tensor]) -> tuple[dict[str, dict[str, Tensor]]
 
 
 def key_format(keys: list[str]) -> str:
-    """kohya, lycoris, peft, diffusers, ldm or unknown, from the spellings of the keys."""
+    """kohya, lycoris, peft, diffusers, ldm, xlabs, bfl-control or unknown, from the spellings of the keys."""
     if not keys:
         return "unknown"
+    if any(".processor.qkv_lora" in k or ".processor.proj_lora" in k for k in keys):
+        return "xlabs"
+    if any(k.endswith("img_in.lora_A.weight") for k in keys) and any(k.endswith("_norm.scale") for k in keys):
+        return "bfl-control"
     lyco_params = ("hada_", "lokr_", "oft_blocks", "oft_diag", ".diff", "w_norm", "on_input", ".a1.weight", "dora_scale")
     if any(k.startswith(("lora_unet_", "lora_te", "oft_unet_", "lycoris_")) for k in keys):
         if any(k.startswith("lycoris_") for k in keys) or any(p in k for k in keys for p in lyco_params):

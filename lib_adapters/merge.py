@@ -18,7 +18,7 @@ from .adapter import Adapter
 from .errors import AdapterError
 from .files import load_tensors, read_header, save_tensors
 from .library import AdapterIndex
-from .naming import LayerMap, build_plan
+from .naming import DIT_FAMILY_NAMES, LayerMap, build_plan
 from .patching import Plan, compute
 from .tags import combine, parse_prompt
 
@@ -37,12 +37,14 @@ def find_adapters(prompt: str, lora_dirs: list[str]) -> list[tuple[Adapter, floa
 
 
 def checkpoint_layer_map(path: str) -> LayerMap:
-    """The layer map of a single-file checkpoint, from its header alone; AdapterError if it is no checkpoint."""
+    """The layer map of a single-file checkpoint (SD/SDXL, or a DiT such as Flux: all-in-one or transformer only,
+    with or without `model.diffusion_model.`), from its header alone; AdapterError if it is no checkpoint."""
     header = read_header(path)
-    if not any(k.startswith(CHECKPOINT_MARKER) for k in header.entries):
-        raise AdapterError(path, "not a Stable Diffusion checkpoint: it has no model.diffusion_model.* weights"
-                                 " (is it an adapter or a VAE?)")
-    return LayerMap.for_checkpoint({k: e.shape for k, e in header.entries.items()})
+    layer_map = LayerMap.for_checkpoint({k: e.shape for k, e in header.entries.items()})
+    if layer_map.family not in DIT_FAMILY_NAMES and not any(k.startswith(CHECKPOINT_MARKER) for k in header.entries):
+        raise AdapterError(path, "not a model checkpoint: it has neither model.diffusion_model.* weights nor a "
+                                 f"{'/'.join(DIT_FAMILY_NAMES)} transformer (is it an adapter or a VAE?)")
+    return layer_map
 
 
 def merge_in_place(tensors: dict[str, torch.Tensor], plan: Plan) -> int:

@@ -13,21 +13,27 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from .algorithms import LayerPatch
+from .algorithms import DeltaPatch, LayerPatch
 from .algorithms.base import compute_dtype, fetch
 from .algorithms.lora import LoRAPatch
 from .errors import AdapterError, ShapeMismatch
 
 
+RowRanges = tuple[tuple[int, int], ...]
+
+
 @dataclass(frozen=True)
 class Target:
-    """Where one adapter layer lands: a weight (and its bias), optionally a row block of a fused weight."""
+    """Where one adapter layer lands: a weight (and its bias), optionally a row block of a fused weight, whose rows
+    the adapter may hold in another order (`order`: row ranges of the block, concatenated, in the adapter's order;
+    e.g. the scale/shift halves of Flux's final adaLN swapped). Every algorithm sees the rows in its own order."""
 
     weight: str
     bias: str | None = None
     rows: tuple[int, int] | None = None
     component: str = "unet"  # "unet" or "te": which strength applies
     cols: tuple[int, int] | None = None  # input-channel block: a 4-channel conv_in adapter on an inpainting UNet
+    order: RowRanges | None = None  # relative to `rows` (or the whole weight)
 
 
 @dataclass(frozen=True)
@@ -41,7 +47,7 @@ class Operation:
 
     @property
     def signature(self) -> tuple:
-        return (self.source, self.strength, self.target.rows, self.target.cols)
+        return (self.source, self.strength, self.target.rows, self.target.cols, self.target.order)
 
 
 Plan = dict[str, list[Operation]]
@@ -93,9 +99,57 @@ class ModuleStore:
         return name in self.tensors
 
 
+class FusedStore:
+    """A store seen with virtual fused weights: `fused[name]` lists (member, first row, end row); reading the name
+    concatenates its members' rows, writing it splits them back (bit-exact, each member keeps its dtype)."""
+
+    def __init__(self, store: WeightStore, fused: dict[str, tuple[tuple[str, int, int], ...]]):
+        self.store = store
+        self.fused = fused
+        self.in_place = getattr(store, "in_place", False)
+
+    def get(self, name):
+        if name not in self.fused:
+            return self.store.get(name)
+        return torch.cat([self.store.get(member) for member, _, _ in self.fused[name]])
+
+    def set(self, name, value):
+        if name not in self.fused:
+            return self.store.set(name, value)
+        for member, lo, hi in self.fused[name]:
+            current = self.store.get(member)
+            self.store.set(member, value[lo:hi].to(device=current.device, dtype=current.dtype))
+
+    def has(self, name):
+        return all(self.store.has(m) for m, _, _ in self.fused[name]) if name in self.fused else self.store.has(name)
+
+
+def rows_view(t: Tensor, target: Target) -> Tensor:
+    """The target's rows of `t` (weight or bias) in the adapter's row order: a view unless reordered."""
+    lo, hi = target.rows if target.rows is not None else (0, t.shape[0])
+    block = t[lo:hi]
+    if target.order is None:
+        return block
+    return torch.cat([block[a:b] for a, b in target.order])
+
+
+def write_rows(t: Tensor, target: Target, value: Tensor) -> None:
+    """Put `value` (rows in the adapter's order) back into the target's rows of `t`, in place."""
+    lo, hi = target.rows if target.rows is not None else (0, t.shape[0])
+    if target.order is None:
+        if value.data_ptr() != t[lo:hi].data_ptr():
+            t[lo:hi] = value
+        return
+    at = 0
+    for a, b in target.order:
+        t[lo + a:lo + b] = value[at:at + b - a]
+        at += b - a
+
+
 def _low_rank(patch: LayerPatch, w: Tensor) -> tuple[Tensor, Tensor, float] | None:
     """(up, down, γ) as 2-D compute-dtype matrices for a plain LoRA whose product fits `w`; None otherwise."""
-    if type(patch) is not LoRAPatch or patch.mid is not None or patch.extra is not None:
+    if type(patch) is not LoRAPatch or patch.mid is not None or patch.extra is not None \
+            or patch.up_bias is not None or patch.diff_b is not None:
         return None
     up = patch.up.reshape(patch.up.shape[0], -1)
     down = patch.down.reshape(patch.down.shape[0], -1)
@@ -105,26 +159,26 @@ def _low_rank(patch: LayerPatch, w: Tensor) -> tuple[Tensor, Tensor, float] | No
 
 
 def _merge_one(op: Operation, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """One operation on (w, b), on its row block; plain LoRA is one in-place addmm (no ΔW temporary)."""
+    """One operation on (w, b), on its row block in the adapter's row order; plain LoRA is one in-place addmm."""
     if op.target.cols is not None:  # leading input channels only: the same as zero-padding ΔW on that axis
         lo, hi = op.target.cols
         new_w, b = op.patch.merge(w[:, lo:hi], op.strength, b)
         w[:, lo:hi] = new_w
         return w, b
-    lo, hi = op.target.rows if op.target.rows is not None else (0, w.shape[0])
-    part = w[lo:hi] if op.target.rows is not None else w
-    factors = _low_rank(op.patch, part)
+    whole = op.target.rows is None and op.target.order is None
+    part = w if whole else rows_view(w, op.target)
+    factors = _low_rank(op.patch, part) if op.target.order is None else None
     if factors is not None:
         up, down, scale = factors
         part.view(part.shape[0], -1).addmm_(up, down, alpha=op.strength * scale)
         return w, b
-    if op.target.rows is None:
+    if whole:
         return op.patch.merge(w, op.strength, b)
-    sub_b = b[lo:hi] if b is not None else None
+    sub_b = rows_view(b, op.target) if b is not None else None
     new_w, new_b = op.patch.merge(part, op.strength, sub_b)
-    w[lo:hi] = new_w
+    write_rows(w, op.target, new_w)
     if new_b is not None and b is not None:
-        b[lo:hi] = new_b
+        write_rows(b, op.target, new_b)
     return w, b
 
 
@@ -140,7 +194,7 @@ def compute(ops: list[Operation], weight: Tensor, bias: Tensor | None,
     usable = (out is not None and out.dtype == cd and out.shape == weight.shape and out.device == weight.device
               and out.is_contiguous() and out.data_ptr() != weight.data_ptr())
     src = weight if weight.dtype == cd else weight.to(cd)
-    whole = active and active[0].target.rows is None and active[0].target.cols is None
+    whole = active and active[0].target.rows is None and active[0].target.cols is None and active[0].target.order is None
     first = _low_rank(active[0].patch, src) if whole else None
     if first is not None:  # W' = W + s·γ·up@down in one pass over W, straight into the destination
         up, down, scale = first
@@ -167,6 +221,20 @@ def compute(ops: list[Operation], weight: Tensor, bias: Tensor | None,
         raise AdapterError(path, f"layer {rest.rpartition('|')[2] or op.target.weight!r} does not fit "
                                  f"{op.target.weight}: {e}") from None
     return w, b
+
+
+def compute_bias(ops: list[Operation], bias: Tensor) -> Tensor:
+    """The bias after `ops` alone (compute dtype), the same arithmetic as `compute` (for hosts that merge a bias on
+    its own): additive patches add s·Δb on their rows, in the adapter's row order; other patches keep it."""
+    b = bias.to(compute_dtype(bias), copy=True)
+    for op in ops:
+        if op.strength == 0 or not isinstance(op.patch, DeltaPatch):
+            continue
+        part = rows_view(b, op.target)
+        db = op.patch.delta_bias(part)
+        if db is not None:
+            write_rows(b, op.target, part + op.strength * db.to(device=b.device, dtype=b.dtype).reshape(part.shape))
+    return b
 
 
 class Patcher:

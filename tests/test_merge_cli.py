@@ -160,7 +160,7 @@ BAD = [  # prompt, base, words expected in the message
     (["<lora:wrongwidth:1>"], "base.safetensors", ["wrongwidth.safetensors", "does not fit"]),
     (["<lora:alpha:strong>"], "base.safetensors", ["malformed tag", "strong"]),
     (["<lora:alpha:1:2:3>"], "base.safetensors", ["malformed tag"]),
-    (["<lora:alpha:1>"], "loras/alpha.safetensors", ["alpha.safetensors", "not a Stable Diffusion checkpoint"]),
+    (["<lora:alpha:1>"], "loras/alpha.safetensors", ["alpha.safetensors", "not a model checkpoint"]),
     (["<lora:alpha:1>"], "loras/truncated.safetensors", ["truncated.safetensors", "truncated"]),
     (["<lora:alpha:1>"], "missing.safetensors", ["missing.safetensors", "cannot be read"]),
 ]

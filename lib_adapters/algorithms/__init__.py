@@ -14,12 +14,13 @@ from .lokr import LoKrPatch
 from .lora import LoRAPatch
 from .norm import NormPatch
 from .oft import OFTPatch
+from .replace import ReplacePatch
 
 ALGORITHMS: tuple[type[LayerPatch], ...] = (
-    LoRAPatch, LoHaPatch, LoKrPatch, OFTPatch, BOFTPatch, IA3Patch, GLoRAPatch, FullPatch, NormPatch,
+    LoRAPatch, LoHaPatch, LoKrPatch, OFTPatch, BOFTPatch, IA3Patch, GLoRAPatch, FullPatch, NormPatch, ReplacePatch,
 )
 DORA_PARAMS = ("dora_scale", "lora_magnitude_vector")
-ALGORITHM_NAMES = ("lora", "locon", "loha", "lokr", "oft", "boft", "ia3", "glora", "full", "norm")
+ALGORITHM_NAMES = ("lora", "locon", "loha", "lokr", "oft", "boft", "ia3", "glora", "full", "norm", "set")
 
 
 def detect(params: Params) -> tuple[LayerPatch | None, list[str]]:

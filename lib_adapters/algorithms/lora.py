@@ -37,7 +37,7 @@ def densify_residual(p: Params) -> Tensor:
 class LoRAPatch(DeltaPatch):
     kind = "lora"
     consumes = ("lora_up.weight", "lora_down.weight", "lora_mid.weight", "alpha", "scale", "bias",
-                "bias_indices", "bias_values", "bias_size")
+                "bias_indices", "bias_values", "bias_size", "lora_up.bias", "diff_b")
 
     up: Tensor
     down: Tensor
@@ -45,6 +45,8 @@ class LoRAPatch(DeltaPatch):
     alpha_value: float | None = None
     scale_override: float | None = None
     extra: Tensor | None = None  # A1111 dense `bias` or densified sparse residual: added to up@down before scaling
+    up_bias: Tensor | None = None  # PEFT `lora_B.bias` (BFL Control LoRAs): Δb = γ·b_up
+    diff_b: Tensor | None = None  # ComfyUI's bias diff beside a LoRA: Δb = diff_b
 
     @classmethod
     def from_params(cls, p: Params) -> "LoRAPatch | None":
@@ -59,7 +61,8 @@ class LoRAPatch(DeltaPatch):
         extra = p.get("bias")
         if "bias_indices" in p:
             extra = densify_residual(p)
-        return cls(up, down, mid, as_float(p.get("alpha")), as_float(p.get("scale")), extra)
+        return cls(up, down, mid, as_float(p.get("alpha")), as_float(p.get("scale")), extra, p.get("lora_up.bias"),
+                   p.get("diff_b"))
 
     @property
     def rank(self):
@@ -86,6 +89,17 @@ class LoRAPatch(DeltaPatch):
     @property
     def scale(self) -> float:
         return rank_scale(self.alpha_value, self.rank, self.scale_override)
+
+    def delta_bias(self, bias: Tensor | None) -> Tensor | None:
+        if bias is None or (self.up_bias is None and self.diff_b is None):
+            return None
+        db = torch.zeros(bias.shape, dtype=torch.float32)
+        for t, factor in ((self.up_bias, self.scale), (self.diff_b, 1.0)):
+            if t is not None:
+                if t.numel() != bias.numel():
+                    raise ShapeMismatch(f"bias delta has {t.numel()} entries, the bias {bias.numel()}")
+                db = db + factor * t.float().reshape(bias.shape)
+        return db
 
     def delta(self, weight: Tensor, multiplier: float = 1.0) -> Tensor:
         up, down = fetch(self.up, weight), fetch(self.down, weight)

@@ -5,8 +5,10 @@
         image = pipe(prompt).images[0]
     # weights are back to the originals here
 
-Works for StableDiffusionPipeline and StableDiffusionXLPipeline (or bare unet / text encoders), every algorithm
-the core knows. Each component's parameters form one store named "<component>.<param>" (LayerMap.for_diffusers).
+Works for StableDiffusionPipeline, StableDiffusionXLPipeline and FluxPipeline (or bare unet / transformer / text
+encoders), every algorithm the core knows. Each component's parameters form one store named "<component>.<param>"
+(LayerMap.for_diffusers); an adapter trained on a fused layer (BFL `img_attn.qkv` on Flux's to_q/to_k/to_v) patches
+the stacked parts as one virtual weight (patching.FusedStore), exactly.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ from ..adapter import Adapter
 from ..errors import AdapterError
 from ..library import AdapterIndex
 from ..naming import LayerMap, build_plan
-from ..patching import ModuleStore, Patcher
+from ..patching import FusedStore, ModuleStore, Patcher
 from ..tags import combine, parse_prompt
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 AdapterSpec = Union[str, os.PathLike, Adapter]
 Entry = tuple  # (AdapterSpec, unet strength[, te strength])
 
@@ -39,7 +41,7 @@ class ComponentStore(ModuleStore):
 
 
 def pipeline_components(pipe=None, **modules) -> dict[str, torch.nn.Module]:
-    """The patchable components of a pipeline (or given directly): unet, text_encoder, text_encoder_2."""
+    """The patchable components of a pipeline (or given directly): unet or transformer, text encoders."""
     found = {}
     for name in COMPONENTS:
         module = modules.get(name)
@@ -48,20 +50,23 @@ def pipeline_components(pipe=None, **modules) -> dict[str, torch.nn.Module]:
         if module is not None:
             found[name] = module
     if not found:
-        raise AdapterError(None, "no unet or text encoder to patch: pass a diffusers pipeline or its components")
+        raise AdapterError(None, "no unet, transformer or text encoder to patch: pass a diffusers pipeline or its "
+                                 "components")
     return found
 
 
 class DiffusersAdapters:
     """Merges adapters into a pipeline's weights; `apply` replaces the previous set, `restore` undoes everything."""
 
-    def __init__(self, pipe=None, *, unet=None, text_encoder=None, text_encoder_2=None,
-                 lora_dirs: Sequence[str | os.PathLike] = ()):
-        self.components = pipeline_components(pipe, unet=unet, text_encoder=text_encoder, text_encoder_2=text_encoder_2)
-        self.store = ComponentStore(self.components)
-        comps = {name: {k[len(name) + 1:]: v for k, v in self.store.tensors.items() if k.startswith(name + ".")}
+    def __init__(self, pipe=None, *, unet=None, transformer=None, text_encoder=None, text_encoder_2=None,
+                 text_encoder_3=None, lora_dirs: Sequence[str | os.PathLike] = ()):
+        self.components = pipeline_components(pipe, unet=unet, transformer=transformer, text_encoder=text_encoder,
+                                              text_encoder_2=text_encoder_2, text_encoder_3=text_encoder_3)
+        components = ComponentStore(self.components)
+        comps = {name: {k[len(name) + 1:]: v for k, v in components.tensors.items() if k.startswith(name + ".")}
                  for name in self.components}
         self.layer_map = LayerMap.for_diffusers(comps)
+        self.store = FusedStore(components, self.layer_map.fused) if self.layer_map.fused else components
         self.patcher = Patcher(self.store)
         self.index = AdapterIndex(list(lora_dirs)) if lora_dirs else None
         self.loaded: dict[str, tuple[float, Adapter]] = {}

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..algorithms.base import DeltaPatch, compute_dtype
+from ..algorithms.base import DeltaPatch
 from ..errors import AdapterError
-from ..naming import LayerMap
-from ..patching import Plan, compute
+from ..naming import DIT_FAMILIES, LayerMap
+from ..patching import Plan, compute, compute_bias, rows_view
 from .a1111 import clear_cond_cache, te_signature
 
 WEIGHT_TYPE = "lib_adapters"
@@ -43,18 +43,10 @@ def weight_after(weight: torch.Tensor, strength: float, payload: Ops) -> torch.T
 
 def bias_after(bias: torch.Tensor, strength: float, payload: Ops) -> torch.Tensor:
     """The same bias arithmetic as `patching.compute` (additive patches only change biases)."""
-    cd = compute_dtype(bias)
-    b = bias.to(cd, copy=True)
-    for op in payload.ops:
-        if op.strength == 0 or not isinstance(op.patch, DeltaPatch):
-            continue
-        lo, hi = op.target.rows or (0, b.shape[0])
-        part = b[lo:hi]
-        db = op.patch.delta_bias(part)
-        if db is not None:
-            b[lo:hi] = part + op.strength * db.to(device=b.device, dtype=cd).reshape(part.shape)
+    b = compute_bias(list(payload.ops), bias)
     if strength != 1.0:
-        b = bias.to(cd) + strength * (b - bias.to(cd))
+        base = bias.to(b.dtype)
+        b = base + strength * (b - base)
     return b.to(bias.dtype)
 
 
@@ -65,11 +57,14 @@ def register_calculators() -> None:
     lora.extra_weight_calculators[BIAS_TYPE] = bias_after
 
 
-def text_encoder_name(name: str, sdxl: bool) -> str | None:
-    """Forge's JointTextEncoder name → checkpoint-style name LayerMap.for_checkpoint knows (HF layout)."""
+def text_encoder_name(name: str, sdxl: bool, dit: bool = False) -> str | None:
+    """Forge's JointTextEncoder name → checkpoint-style name LayerMap.for_checkpoint knows (HF layout); a DiT
+    engine's encoders (Flux `clip_l`, `t5xxl`) as its single files hold them (`text_encoders.<name>`)."""
     head, _, rest = name.partition(".")
     if not rest.startswith("transformer."):
         return None
+    if dit:
+        return "text_encoders." + name
     if head == "clip_g":
         return "conditioner.embedders.1." + rest if sdxl else "cond_stage_model." + rest
     if head in ("clip_l", "clip_h"):
@@ -97,9 +92,10 @@ def build_state(engine) -> EngineState:
         if name.startswith("diffusion_model."):
             to_forge["model." + name] = ("unet", name)
             shapes["model." + name] = tuple(t.shape)
+    dit = any(family.checkpoint_root(shapes) is not None for family in DIT_FAMILIES)
     if base.clip is not None:
         for name, t in base.clip.cond_stage_model.state_dict().items():
-            canon = text_encoder_name(name, sdxl)
+            canon = text_encoder_name(name, sdxl, dit)
             if canon is not None:
                 to_forge[canon] = ("clip", name)
                 shapes[canon] = tuple(t.shape)
@@ -155,8 +151,8 @@ class ForgeBackend:
             bias = next((op.target.bias for op in ops if op.target.bias), None)
             if bias and bias in state.to_forge and any(isinstance(op.patch, DeltaPatch) for op in ops):
                 probe = torch.zeros(state.shapes[bias])
-                if any(isinstance(op.patch, DeltaPatch) and op.patch.delta_bias(probe if not op.target.rows else
-                       probe[op.target.rows[0]:op.target.rows[1]]) is not None for op in ops):
+                if any(isinstance(op.patch, DeltaPatch) and op.patch.delta_bias(rows_view(probe, op.target))
+                       is not None for op in ops):
                     out[component][state.to_forge[bias][1]] = (BIAS_TYPE, Ops(ops))
         return out
 

@@ -7,6 +7,13 @@ sgm UNet spelling), kohya OFT `oft_unet_`, LyCORIS (same, and `lycoris_`), A1111
 diffusers (`unet.`, `text_encoder.`, `text_encoder_2.`, processor spellings), PEFT (`base_model.model.`), and
 OneTrainer (kohya names, its internal `lora_unet.<path>` / `lora_te1.<path>`, and OMI `unet.<sgm path>`,
 `clip_l.`/`clip_g.`).
+
+DiT families (Flux; SD3 plugs in the same way) have a naming module each (`naming/flux.py`), listed in DIT_FAMILIES
+and asked first by `for_checkpoint`/`for_diffusers`: `NAME`; `checkpoint_root(shapes)` (where its transformer lives in
+a state dict, or None) and `add_checkpoint_routes(lm, shapes, root)`; `is_diffusers(names)`, `add_diffusers_routes(lm,
+shapes)` and `add_diffusers_text_encoders(lm, shapes, components)`; optionally `file_renames(keys)` (whole-file
+respellings before grouping). Tables give Slots with `rows`/`order` for fused weights; `LayerMap.fuse` makes a
+virtual weight where the model keeps parts apart. Text encoders use the shared CLIP tables here and `naming/t5.py`.
 """
 
 from __future__ import annotations
@@ -14,12 +21,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
 from ..algorithms import DeltaPatch
 from ..errors import AdapterError
 from ..patching import Operation, Plan, Target
+from . import flux
 from .families import CROSS_ATTN_WIDTH
+from .slots import Slot, Table, module_paths as _modules, shapes_of as _shapes, underscore as _underscore
 from .text import openclip_to_hf
 from .unet import (diffusers_to_ldm, layers_per_block_diffusers, layers_per_block_ldm, ldm_to_diffusers,
                    up_blocks_with_attention)
@@ -37,52 +45,11 @@ UNET_ROOTS = ("model.diffusion_model.", "diffusion_model.")
 # Text-encoder roots in a WebUI model → their SDXL slot (A1111 ldm/sgm names, Forge's HF-layout encoders).
 TEXT_ENCODER_ROOTS = {"cond_stage_model.": 0, "conditioner.embedders.0.": 0, "conditioner.embedders.1.": 1,
                       "clip_l.": 0, "clip_h.": 0, "clip_g.": 1}
+# Transformer (DiT) families, asked in order before the SD UNet tables.
+DIT_FAMILIES = (flux,)
+DIT_FAMILY_NAMES = tuple(f.NAME for f in DIT_FAMILIES)
 
-__all__ = ["LayerMap", "Slot", "build_plan"]
-
-
-@dataclass(frozen=True)
-class Slot:
-    """One patchable layer of the model: its weight (and bias), which strength applies, the q/k/v part if fused."""
-
-    weight: str
-    bias: str | None
-    component: str
-    part: int | None = None
-
-
-Table = dict[str, Slot]
-
-
-def _underscore(path: str) -> str:
-    return path.replace(".", "_")
-
-
-def _shapes(keys) -> dict[str, tuple[int, ...] | None]:
-    """Names → shapes, from a mapping of tensors/shapes or from bare names (shapes unknown)."""
-    if isinstance(keys, Mapping):
-        return {k: tuple(v.shape) if hasattr(v, "shape") else (tuple(v) if v is not None else None)
-                for k, v in keys.items()}
-    return {k: None for k in keys}
-
-
-def _modules(names: Iterable[str], root: str) -> dict[str, tuple[str, str | None]]:
-    """Module path (relative to `root`) → (weight name, bias name or None) for every weight under `root`.
-
-    OpenCLIP's fused attention counts as the module `…attn` with `in_proj_weight` / `in_proj_bias`.
-    """
-    names = set(names)
-    found = {}
-    for name in names:
-        if not name.startswith(root):
-            continue
-        rel = name[len(root):]
-        for weight_suffix, bias_suffix in ((".weight", ".bias"), (".in_proj_weight", ".in_proj_bias")):
-            if rel.endswith(weight_suffix):
-                module = rel[: -len(weight_suffix)]
-                bias = root + module + bias_suffix
-                found[module] = (name, bias if bias in names else None)
-    return found
+__all__ = ["DIT_FAMILIES", "LayerMap", "Slot", "build_plan"]
 
 
 class LayerMap:
@@ -92,10 +59,33 @@ class LayerMap:
         self.family = family
         self.shapes = shapes
         self.routes: list[tuple[str, Table]] = []
+        self.fused: dict[str, tuple[tuple[str, int, int], ...]] = {}  # virtual weight → (member, first, end row)
+        self.hints: dict[str, str] = {}  # weight → what to add when an adapter's layer does not fit it
 
     def _add(self, prefixes: Iterable[str], table: Table) -> None:
         self.routes.extend((p, table) for p in prefixes)
         self.routes.sort(key=lambda r: -len(r[0]))
+
+    def fuse(self, members: list[tuple[str, str | None]]) -> tuple[str, str | None]:
+        """A virtual weight (and bias) made of `members` [(weight, bias)] stacked by rows, for adapters that train
+        one fused layer where this model has several (BFL `img_attn.qkv` on diffusers to_q/to_k/to_v); read and
+        written through `patching.FusedStore`. Returns the virtual (weight, bias) names."""
+        names = []
+        for kind, index in (("weight", 0), ("bias", 1)):
+            parts, lo = [], 0
+            if any(m[index] is None for m in members):
+                names.append(None)
+                continue
+            for member in members:
+                rows = self.shapes[member[0]][0]
+                parts.append((member[index], lo, lo + rows))
+                lo += rows
+            name = "+".join(m[index] for m in members)
+            self.fused[name] = tuple(parts)
+            first = self.shapes[members[0][index]]
+            self.shapes[name] = (lo, *first[1:])
+            names.append(name)
+        return names[0], names[1]
 
     # ---- construction -------------------------------------------------------------------------------------
 
@@ -105,6 +95,12 @@ class LayerMap:
         `clip_l.`/`clip_g.`/`clip_h.` HF-layout encoders); `keys` may be a mapping name → tensor/shape (shapes
         enable fit checks, and give fused q/k/v widths when a patch does not tell its own)."""
         shapes = _shapes(keys)
+        for family in DIT_FAMILIES:
+            root = family.checkpoint_root(shapes)
+            if root is not None:
+                lm = cls(family.NAME, shapes)
+                family.add_checkpoint_routes(lm, shapes, root)
+                return lm
         lm = cls(_checkpoint_family(shapes), shapes)
         unet_root = next((r for r in UNET_ROOTS if any(k.startswith(r) for k in shapes)), UNET_ROOTS[0])
         unet = _modules(shapes, unet_root)
@@ -122,7 +118,7 @@ class LayerMap:
         sdxl = len(roots) > 1
         for root in roots:
             index = TEXT_ENCODER_ROOTS[root] if sdxl else 0
-            hf, native = _text_encoder_tables(shapes, root)
+            hf, native = clip_tables(shapes, root)
             lm._add(TE_PREFIXES_SDXL[index] if sdxl else TE_PREFIXES_SINGLE, hf)
             native_prefixes = [_underscore(root)]
             if root.startswith(("cond_stage_model.", "conditioner.")):
@@ -132,12 +128,20 @@ class LayerMap:
 
     @classmethod
     def for_diffusers(cls, components: Mapping[str, object]) -> "LayerMap":
-        """diffusers components {"unet": keys, "text_encoder": keys, "text_encoder_2": keys}; targets are
-        named "<component>.<param>" (keys may be names or mappings name → tensor/shape, as for_checkpoint)."""
+        """diffusers components {"unet"|"transformer": keys, "text_encoder": keys, "text_encoder_2": keys, …};
+        targets are named "<component>.<param>" (keys may be names or mappings name → tensor/shape)."""
         shapes: dict[str, tuple[int, ...] | None] = {}
         for comp, keys in components.items():
             if keys is not None:
                 shapes.update({f"{comp}.{k}": s for k, s in _shapes(keys).items()})
+        if components.get("transformer") is not None:
+            names = set(_shapes(components["transformer"]))
+            for family in DIT_FAMILIES:
+                if family.is_diffusers(names):
+                    lm = cls(family.NAME, shapes)
+                    family.add_diffusers_routes(lm, shapes)
+                    family.add_diffusers_text_encoders(lm, shapes, components)
+                    return lm
         lm = cls(_diffusers_family(shapes, components), shapes)
         if components.get("unet") is not None:
             unet = _modules(shapes, "unet.")
@@ -156,13 +160,7 @@ class LayerMap:
         for index, comp in enumerate(("text_encoder", "text_encoder_2")):
             if components.get(comp) is None:
                 continue
-            table = {}
-            for rel, (w, b) in _modules(shapes, comp + ".").items():
-                rel = rel[len("text_model."):] if rel.startswith("text_model.") else rel
-                slot = Slot(w, b, "te")
-                table[_underscore(rel)] = table[_underscore("text_model." + rel)] = slot
-                if not sdxl:
-                    table[_underscore("transformer.text_model." + rel)] = slot
+            table = diffusers_clip_table(shapes, comp, with_transformer=not sdxl)
             lm._add(TE_PREFIXES_SDXL[index] if sdxl else TE_PREFIXES_SINGLE + ("cond_stage_model_",), table)
         return lm
 
@@ -183,13 +181,13 @@ class LayerMap:
         slot = self.slot(module_key)
         if slot is None:
             return []
-        rows = None
+        rows = slot.rows
         if slot.part is not None:
             width = self._part_width(slot, patch)
             if width is None:
                 return []
             rows = (slot.part * width, (slot.part + 1) * width)
-        return [Target(slot.weight, slot.bias, rows, slot.component)]
+        return [Target(slot.weight, slot.bias, rows, slot.component, order=slot.order)]
 
     def _part_width(self, slot: Slot, patch) -> int | None:
         shape = self.shapes.get(slot.weight)
@@ -226,12 +224,27 @@ class LayerMap:
             shape = (shape[0], target.cols[1] - target.cols[0], *shape[2:])
         bad_in = in_dim is not None and len(shape) > 1 and in_dim not in (shape[1], math.prod(shape[1:]))
         if bad_out or bad_in:
+            hint = self.hints.get(target.weight)
+            why = hint if hint and bad_in and not bad_out else \
+                f"an adapter for another model (adapter family {family}, model {self.family})"
             raise AdapterError(path, f"layer {module_key!r} ({out_dim}×{in_dim}) does not fit {target.weight} "
-                                     f"{list(shape)}{' rows ' + str(target.rows) if target.rows else ''}: "
-                                     f"an adapter for another model (adapter family {family}, model {self.family})")
+                                     f"{list(shape)}{' rows ' + str(target.rows) if target.rows else ''}: {why}")
 
 
-def _text_encoder_tables(shapes, root: str) -> tuple[Table, Table]:
+def diffusers_clip_table(shapes, comp: str, with_transformer: bool = False) -> Table:
+    """An HF CLIP diffusers component by its paths, with and without `text_model.` (and `transformer.text_model.`
+    for the single-encoder families, as A1111 names spell it)."""
+    table: Table = {}
+    for rel, (w, b) in _modules(shapes, comp + ".").items():
+        rel = rel[len("text_model."):] if rel.startswith("text_model.") else rel
+        slot = Slot(w, b, "te")
+        table[_underscore(rel)] = table[_underscore("text_model." + rel)] = slot
+        if with_transformer:
+            table[_underscore("transformer.text_model." + rel)] = slot
+    return table
+
+
+def clip_tables(shapes, root: str) -> tuple[Table, Table]:
     """(HF-spelled table, native-spelled table) for the text encoder under `root` (HF CLIP or OpenCLIP layout)."""
     hf: Table = {}
     native: Table = {}
@@ -304,6 +317,7 @@ def build_plan(entries, layer_map: LayerMap) -> tuple[Plan, dict[str, list[str]]
     """
     plan: Plan = {}
     unmatched: dict[str, list[str]] = {}
+    in_order: list[Operation] = []
     for adapter, unet_strength, te_strength in entries:
         check_family(adapter, layer_map)
         missing = []
@@ -324,5 +338,23 @@ def build_plan(entries, layer_map: LayerMap) -> tuple[Plan, dict[str, list[str]]
                                              f"(e.g. {missing[0]!r}): an adapter for another model?")
         for op in ops:
             plan.setdefault(op.target.weight, []).append(op)
+        in_order.extend(ops)
         unmatched[adapter.path] = sorted(missing)
+    _gather_fused(plan, layer_map, {id(op): i for i, op in enumerate(in_order)})
     return plan, unmatched
+
+
+def _gather_fused(plan: Plan, layer_map: LayerMap, order: dict[int, int]) -> None:
+    """Where a plan patches a virtual fused weight, operations on its members move onto it (rows shifted), so
+    every operation on those rows runs in prompt order (`order`: id → rank) on one tensor; members patched alone
+    stay as they are."""
+    for virtual in [name for name in plan if name in layer_map.fused]:
+        bias = next((op.target.bias for op in plan[virtual]), None)
+        moved = list(plan[virtual])
+        for member, lo, hi in layer_map.fused[virtual]:
+            for op in plan.pop(member, []):
+                a, b = op.target.rows or (0, hi - lo)
+                target = dataclasses.replace(op.target, weight=virtual, bias=bias, rows=(lo + a, lo + b))
+                moved.append(dataclasses.replace(op, target=target))
+                order[id(moved[-1])] = order[id(op)]
+        plan[virtual] = sorted(moved, key=lambda op: order[id(op)])
