@@ -97,6 +97,10 @@ class LayerPatch:
     def tensors(self) -> list[Tensor]:
         return [v for v in vars(self).values() if isinstance(v, Tensor)]
 
+    def forward_form(self, shape: tuple[int, ...]):
+        """This patch as a forward-path form (`forms.py`) on a layer block of weight shape `shape`; None when it has
+        none (the engine reports the layer)."""
+        return None
 
 
 @dataclass
@@ -123,6 +127,23 @@ class DeltaPatch(LayerPatch):
         if db is not None and bias is not None and strength != 0:
             new_b = bias.to(cd) + strength * db.to(device=bias.device, dtype=cd).reshape(bias.shape)
         return new_w, new_b
+
+
+def as_kernel(t: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """A factor (r, I[·kh·kw]) shaped for a layer of weight shape `shape`: (r, I) for a linear, (r, I, kh, kw) for a
+    conv; float32 (float64 stays float64)."""
+    t = t.float() if t.dtype != torch.float64 else t
+    if len(shape) == 2:
+        return t.reshape(t.shape[0], -1)
+    return t.reshape(t.shape[0], shape[1], *shape[2:]) if t[0].numel() == shape[1] * shape[2] * shape[3] \
+        else t.reshape(t.shape[0], -1, 1, 1)
+
+
+def dense_form(patch: "DeltaPatch", shape: tuple[int, ...]):
+    """ΔW built once from the merge math (a patch whose ΔW does not read W), as a Dense form."""
+    from .forms import Dense
+
+    return Dense(patch.delta(torch.zeros(shape)))
 
 
 def fetch(t: Tensor, like: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ..errors import ShapeMismatch
 from .base import LayerPatch, Params, as_float, compute_dtype, fetch
+from .forms import Butterfly
 from .oft import blend_rescale, cayley
 
 
@@ -70,3 +71,9 @@ class BOFTPatch(LayerPatch):
         if scale is not None:
             out = out * scale.reshape(-1, *[1] * (w.ndim - 1))
         return out, bias
+
+    def forward_form(self, shape):
+        """The butterfly stages on the output rows, each I + s·(R_i − I)."""
+        blocks = self.blocks.float() if self.blocks.dtype != torch.float64 else self.blocks
+        rescale = None if self.rescale is None else self.rescale.float().reshape(-1)
+        return Butterfly(cayley(blocks, self.constraint_alpha * self.out_dim), rescale)

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ..errors import ShapeMismatch
 from .base import DeltaPatch, LayerPatch, compute_dtype, fetch
+from .forms import ADDITIVE, DoRAForm
 
 
 def column_norm(w: Tensor, on_output: bool) -> Tensor:
@@ -88,3 +89,11 @@ class DoRAPatch(LayerPatch):
             raise ShapeMismatch(f"DoRA magnitude has {m.numel()} entries, the norm axis has {norm.numel()}")
         target = merged * (m.reshape(norm.shape) / norm)
         return w + strength * (target - w), bias
+
+    def forward_form(self, shape):
+        """m ⊙ (W + Δ)/‖W + Δ‖ blended by s: a row (or input-column) scale plus the inner Δ scaled by it; the norm
+        needs the weight and is filled in by the engine once per switch."""
+        inner = self.inner.forward_form(shape)
+        if not isinstance(inner, ADDITIVE):
+            return None
+        return DoRAForm(inner, self.magnitude.float().reshape(-1), self.on_output)

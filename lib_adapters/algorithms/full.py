@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..errors import ShapeMismatch
 from .base import DeltaPatch, Params, fetch
+from .forms import Dense
 
 
 @dataclass
@@ -48,3 +49,6 @@ class FullPatch(DeltaPatch):
         if self.diff_b is not None and bias is not None and self.diff_b.numel() != bias.numel():
             raise ShapeMismatch(f"diff_b is {list(self.diff_b.shape)}, the bias is {list(bias.shape)}")
         return self.diff_b
+
+    def forward_form(self, shape):
+        return Dense(self.diff.float().reshape(shape))

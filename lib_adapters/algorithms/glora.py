@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ShapeMismatch
-from .base import DeltaPatch, Params, as_float, fetch, flat, rank_scale
+from .base import DeltaPatch, Params, as_float, as_kernel, fetch, flat, rank_scale
+from .forms import GLoRAForm, InputMix, LowRank
 
 SIGNATURE = ("a1.weight", "a2.weight", "b1.weight", "b2.weight")
 
@@ -72,3 +73,11 @@ class GLoRAPatch(DeltaPatch):
         if bb.numel() != weight.numel():
             raise ShapeMismatch(f"GLoRA gives {tuple(bb.shape)}, the weight is {list(weight.shape)}")
         return (wa + bb.reshape(weight.shape)) * (rank_scale(self.alpha_value, self.rank, self.scale_override) * multiplier)
+
+    def forward_form(self, shape):
+        """W·(I + s·γ·A·B) + s·γ·C·D: the input mixed by x + s·γ·A(B(x)) (per pixel), plus a LoRA C·D."""
+        f = lambda t: flat(t).float()  # noqa: E731
+        a, b, c, d = (f(self.a1), f(self.a2), f(self.b1), f(self.b2)) if self.new_layout else \
+            (f(self.a2), f(self.a1), f(self.b2), f(self.b1))
+        scale = rank_scale(self.alpha_value, self.rank, self.scale_override)
+        return GLoRAForm(InputMix(a, b, scale), LowRank(as_kernel(d, shape), c, scale))

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from ..errors import ShapeMismatch
 from .base import LayerPatch, Params, compute_dtype, fetch
+from .forms import Scale
 
 
 @dataclass
@@ -39,3 +40,10 @@ class IA3Patch(LayerPatch):
         shape = [1] * w.ndim
         shape[axis] = -1
         return w * (1 + strength * fetch(self.scale_vector, w).reshape(shape)), bias
+
+    def forward_form(self, shape):
+        """Output rows (or the input columns) ⊙ (1 + s·w)."""
+        axis = 1 if self.on_input else 0
+        if self.scale_vector.numel() != shape[axis]:
+            return None
+        return Scale(self.scale_vector.float().reshape(-1), self.on_input)

@@ -11,7 +11,12 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ..errors import ShapeMismatch
-from .base import DeltaPatch, Params, as_float, fetch, rank_scale, tucker
+import math
+
+import torch
+
+from .base import DeltaPatch, Params, as_float, as_kernel, dense_form, fetch, rank_scale, tucker
+from .forms import LowRank
 
 SIGNATURE = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 
@@ -77,3 +82,22 @@ class LoHaPatch(DeltaPatch):
         if d.numel() != weight.numel():
             raise ShapeMismatch(f"LoHa gives {tuple(d.shape)}, the weight is {list(weight.shape)}")
         return d.reshape(weight.shape) * (rank_scale(self.alpha_value, self.rank, self.scale_override) * multiplier)
+
+    def forward_form(self, shape):
+        """(A1·B1) ⊙ (A2·B2) = Σ_pq (a1_p ⊙ a2_q)(b1_p ⊙ b2_q)ᵀ: a rank r1·r2 LoRA (Tucker: with a (r1·r2)² k×k core).
+        Used when its factors are smaller than ΔW itself; else ΔW is built once (Dense)."""
+        scale = rank_scale(self.alpha_value, self.rank, self.scale_override)
+        f = lambda t: t.float() if t.dtype != torch.float64 else t  # noqa: E731
+        if self.t1 is None:
+            up = (f(self.w1a)[:, :, None] * f(self.w2a)[:, None, :]).flatten(1)
+            down = (f(self.w1b).reshape(self.w1b.shape[0], 1, -1) * f(self.w2b).reshape(1, self.w2b.shape[0], -1)).flatten(0, 1)
+            form = LowRank(as_kernel(down, shape), up, scale)
+        else:
+            up = (f(self.w1a).T[:, :, None] * f(self.w2a).T[:, None, :]).flatten(1)
+            w1b, w2b = f(self.w1b).reshape(self.w1b.shape[0], -1), f(self.w2b).reshape(self.w2b.shape[0], -1)
+            down = (w1b[:, None, :] * w2b[None, :, :]).flatten(0, 1)[:, :, None, None]
+            core = torch.einsum("pqhw,PQhw->pPqQhw", f(self.t1), f(self.t2)).flatten(0, 1).flatten(1, 2)
+            form = LowRank(down, up, scale, core)
+        if form.nbytes() > math.prod(shape) * 4:
+            return dense_form(self, shape)
+        return form

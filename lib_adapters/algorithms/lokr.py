@@ -8,13 +8,15 @@ the LyCORIS forward, not its `merge_to` (γ applied twice, formats.md §8 D1).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..errors import ShapeMismatch
-from .base import DeltaPatch, Params, as_float, fetch, rank_scale, tucker
+from .base import DeltaPatch, Params, as_float, dense_form, fetch, rank_scale, tucker
+from .forms import Kron
 
 
 def kron(w1: Tensor, w2: Tensor) -> Tensor:
@@ -110,3 +112,33 @@ class LoKrPatch(DeltaPatch):
         if d.numel() != weight.numel():
             raise ShapeMismatch(f"LoKr gives {tuple(d.shape)}, the weight is {list(weight.shape)}")
         return d.reshape(weight.shape) * (rank_scale(self.alpha_value, self.rank, self.scale_override) * multiplier)
+
+    def forward_form(self, shape):
+        """w1 ⊗ w2 applied as w1·X·w2ᵀ on the input seen as a (c, d) matrix (conv: w2 as a conv on c groups of d
+        channels), w2 kept split when it is; ΔW itself only when the factors do not tile the layer this way."""
+        f = lambda t: t.float() if t.dtype != torch.float64 else t  # noqa: E731
+        w1 = f(self.w1) if self.w1 is not None else f(self.w1a) @ f(self.w1b)
+        w1 = w1.reshape(w1.shape[0], -1)
+        scale = rank_scale(self.alpha_value, self.rank, self.scale_override)
+        (a, c), conv = w1.shape, len(shape) == 4
+        if conv or self.w2 is not None or self.t2 is not None:
+            if self.w2 is not None:
+                w2 = f(self.w2)
+            elif self.t2 is not None:
+                w2 = tucker(f(self.t2), f(self.w2a), f(self.w2b))
+            else:
+                w2 = f(self.w2a) @ f(self.w2b).flatten(1)
+            kernel = math.prod(shape[2:]) if conv else 1
+            per_group = w2[0].numel()
+            fits = a * w2.shape[0] == shape[0] and per_group % kernel == 0 and c * (per_group // kernel) == shape[1]
+            if not fits:
+                return dense_form(self, shape)
+            if conv:
+                w2 = w2.reshape(w2.shape[0], shape[1] // c, *shape[2:])
+            else:
+                w2 = w2.reshape(w2.shape[0], -1)
+            return Kron(w1, w2=w2, scale=scale)
+        w2a, w2b = f(self.w2a), f(self.w2b).reshape(self.w2b.shape[0], -1)
+        if a * w2a.shape[0] != shape[0] or c * w2b.shape[1] != shape[1]:
+            return dense_form(self, shape)
+        return Kron(w1, w2a=w2a, w2b=w2b, scale=scale)

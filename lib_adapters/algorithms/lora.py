@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ShapeMismatch
-from .base import DeltaPatch, Params, as_float, fetch, flat, rank_scale, tucker
+from .base import DeltaPatch, Params, as_float, as_kernel, fetch, flat, rank_scale, tucker
+from .forms import Dense, LowRank, Sum
 
 SIGNATURE = ("lora_up.weight", "lora_down.weight")
 
@@ -112,3 +113,15 @@ class LoRAPatch(DeltaPatch):
         if d.numel() != weight.numel():
             raise ShapeMismatch(f"LoRA gives {d.numel()} elements ({self.out_dim} rows), the weight is {list(weight.shape)}")
         return d.reshape(weight.shape) * (self.scale * multiplier)
+
+    def forward_form(self, shape):
+        """y += s·γ·up(down(x)) (conv: down as the layer's conv, mid as the k×k conv between 1×1 down and up)."""
+        up = flat(self.up).float()
+        if self.mid is not None:
+            down = flat(self.down).float()[:, :, None, None]
+            form = LowRank(down, up, self.scale, self.mid.float())
+        else:
+            form = LowRank(as_kernel(self.down, shape), up, self.scale)
+        if self.extra is not None:
+            form = Sum(form, Dense(self.extra.float().reshape(shape), self.scale))
+        return form

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..errors import ShapeMismatch
 from .base import LayerPatch, Params, as_float, compute_dtype, fetch
+from .forms import BlockRotation
 
 
 def cayley(blocks: Tensor, constraint: float) -> Tensor:
@@ -89,3 +90,10 @@ class OFTPatch(LayerPatch):
         if scale is not None:
             out = out * scale.reshape(-1, *[1] * (w.ndim - 1))
         return out, bias
+
+    def forward_form(self, shape):
+        """Each block of output rows rotated: y_k ← y_k·(I + s·(R_k − I)), rows ⊙ blended rescale."""
+        blocks = self.blocks.float() if self.blocks.dtype != torch.float64 else self.blocks
+        rotation = blocks if self.is_rotation else cayley(blocks, self.constraint_alpha * self.out_dim)
+        rescale = None if self.rescale is None else self.rescale.float().reshape(-1)
+        return BlockRotation(rotation, rescale)
