@@ -57,8 +57,9 @@ def storage_of(module: nn.Module, attr: str = "weight") -> Storage:
     scaled = attr == "weight" and getattr(module, "scale_weight", None) is not None
     gguf = getattr(t, "gguf_cls", None)
     if gguf is not None:
-        return Storage(f"gguf {getattr(gguf, 'qtype', getattr(gguf, '__name__', gguf))}".replace("GGMLQuantizationType.", ""),
-                       tuple(getattr(t, "real_shape", t.shape)))
+        qtype = getattr(gguf, "qtype", None)
+        label = getattr(qtype, "name", None) or getattr(gguf, "__name__", None) or str(gguf)
+        return Storage(f"gguf {label}", tuple(getattr(t, "real_shape", t.shape)))
     state = getattr(t, "quant_state", None)
     if state is not None and hasattr(state, "shape"):
         return Storage(f"bnb {getattr(t, 'quant_type', getattr(state, 'quant_type', '4bit'))}", tuple(state.shape))
@@ -74,6 +75,8 @@ def dequantized(module: nn.Module, attr: str, dtype: torch.dtype, host: Callable
     bnb through the host's function), fp8 cast and multiplied by `scale_weight` where the layer has one."""
     t = getattr(module, attr)
     if getattr(t, "gguf_cls", None) is not None:
+        if getattr(t, "baked", True) is False:  # Forge bakes at model load anyway (bake_gguf_model): same layout step
+            t.gguf_cls.bake(t)
         w = t.gguf_cls.dequantize_pytorch(t)
     elif getattr(t, "quant_state", None) is not None:
         if host is None:
@@ -365,6 +368,23 @@ class ForwardEngine:
     def adapted(self) -> list[str]:
         return list(self.layers)
 
+    def storage(self, name: str) -> Storage | None:
+        """The storage of a planned weight name (None: not in `root`)."""
+        found = self._module(name)
+        return storage_of(found[0], found[1]) if found is not None else None
+
+    def takes(self, name: str) -> bool:
+        """Whether the layer holding `name` runs its own forward with this weight (Linear/Conv2d, known storage,
+        not read directly by a parent as MultiheadAttention reads `out_proj.weight`)."""
+        found = self._module(name)
+        if found is None:
+            return False
+        module, attr, chain = found
+        storage = storage_of(module, attr)
+        if attr != "weight" or not storage.known or geometry_of(module, storage.shape) is None:
+            return False
+        return not (len(chain) > 1 and isinstance(chain[-2][1], nn.MultiheadAttention))
+
     # ---- internals --------------------------------------------------------------------------------------------------
     def _module(self, name: str) -> tuple[nn.Module, str, list[tuple[str, nn.Module]]] | None:
         path = self.path_of(name)
@@ -521,13 +541,4 @@ def _holder(chain: list[tuple[str, nn.Module]], name: str) -> tuple[str, nn.Modu
     return STATE_NAME + "__" + "_".join(reversed(below)), chain[0][1]
 
 
-def forward_capable(module: nn.Module, attr: str) -> bool:
-    """Whether the engine can run adapters on `module.<attr>` (a Linear/Conv2d weight of known storage)."""
-    if attr != "weight":
-        return False
-    storage = storage_of(module, attr)
-    return storage.known and geometry_of(module, storage.shape) is not None
-
-
-__all__ = ["AdapterState", "ForwardEngine", "Skipped", "Storage", "dequantized", "forward_capable", "geometry_of",
-           "storage_of"]
+__all__ = ["AdapterState", "ForwardEngine", "Skipped", "Storage", "dequantized", "geometry_of", "storage_of"]

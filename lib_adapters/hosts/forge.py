@@ -1,10 +1,18 @@
-"""Forge: adapters go through Forge's own ModelPatcher (host-contract §6, §7.2).
+"""Forge: unquantized weights go through Forge's own ModelPatcher, quantized ones through the forward path
+(host-contract §6, §7.2; modern-models §4).
 
-Each batch, clones of the original UNet and CLIP patchers get one `add_patches` call each, whose values are a
-custom patch type registered in `backend.patcher.lora.extra_weight_calculators`: our core math
-(`patching.compute`, i.e. LayerPatch.merge in order) runs inside Forge's LoraLoader on its float32 working copy,
-so every algorithm (OFT, BOFT, IA3, DoRA, GLoRA, …) is exact and Forge keeps its own backup/restore, offload and
-quantized-weight handling. The clones are left in `forge_objects_after_applying_lora`, as the builtin does.
+Unquantized (fp32/fp16/bf16, GGUF F16/F32) weights: each batch, clones of the original UNet and CLIP patchers get
+one `add_patches` call each, whose values are a custom patch type registered in
+`backend.patcher.lora.extra_weight_calculators`: our core math (`patching.compute`) runs inside Forge's LoraLoader on
+its float32 working copy, so every algorithm is exact and Forge keeps its own backup/restore and offload. The clones
+are left in `forge_objects_after_applying_lora`, as the builtin does.
+
+Quantized weights (fp8 e4m3fn/e5m2, fp8 with `scale_weight`, GGUF Q*/K/BF16, bnb NF4/FP4) of Linear/Conv2d layers:
+never baked (Forge would dequantize → merge → re-quantize, squeezing the delta to 4–8 bits, mis-scale fp8-scaled
+weights and fail on K-quants): `forward.ForwardEngine` runs the adapters in those layers' forward from their
+factors, in both "Diffusion in Low Bits" modes. "(fp16 LoRA)" (`dynamic_args['online_lora']`) keeps the factors
+and their math in the model's computation dtype, as Forge's online LoRA does; otherwise they stay float32, as
+Forge's baked merge computes. A layer of unknown storage is reported and left out.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import torch
 
 from ..algorithms.base import DeltaPatch
 from ..errors import AdapterError
+from ..forward import ForwardEngine, storage_of
 from ..naming import DIT_FAMILIES, LayerMap
 from ..patching import Plan, compute, compute_bias, rows_view
 from .a1111 import clear_cond_cache, te_signature
@@ -50,6 +59,12 @@ def bias_after(bias: torch.Tensor, strength: float, payload: Ops) -> torch.Tenso
     return b.to(bias.dtype)
 
 
+def bnb_dequantize(weight):
+    """A bnb 4-bit weight as floats, through Forge's own function (it needs CUDA)."""
+    from backend.operations_bnb import functional_dequantize_4bit
+    return functional_dequantize_4bit(weight)
+
+
 def register_calculators() -> None:
     from backend.patcher import lora
 
@@ -82,29 +97,52 @@ class EngineState:
     shapes: dict[str, tuple]
     last: dict = field(default_factory=dict)  # component → (identifier, base patcher, clone)
     te_signature: dict = field(default_factory=dict)
+    kinds: dict[str, str] = field(default_factory=dict)  # checkpoint name → storage kind ("float", "fp8", …)
+    forward: dict[str, ForwardEngine] = field(default_factory=dict)  # component → engine on its original model
+
+
+def parameters(model) -> dict[str, tuple[tuple, str]]:
+    """Parameter name → (real shape, storage kind), from the modules (GGUF `real_shape`, bnb `quant_state.shape`):
+    `state_dict()` shows GGUF/bnb packed shapes and bnb quant-state entries."""
+    out = {}
+    for mname, module in model.named_modules():
+        for pname, p in module._parameters.items():
+            if p is not None:
+                storage = storage_of(module, pname)
+                out[f"{mname}.{pname}" if mname else pname] = (storage.shape, storage.kind)
+    return out
 
 
 def build_state(engine) -> EngineState:
     base = engine.forge_objects_original
     sdxl = bool(getattr(engine, "is_sdxl", False))
-    to_forge, shapes = {}, {}
-    for name, t in base.unet.model.state_dict().items():
+    to_forge, shapes, kinds = {}, {}, {}
+    for name, (shape, kind) in parameters(base.unet.model).items():
         if name.startswith("diffusion_model."):
             to_forge["model." + name] = ("unet", name)
-            shapes["model." + name] = tuple(t.shape)
+            shapes["model." + name], kinds["model." + name] = shape, kind
     dit = any(family.checkpoint_root(shapes) is not None for family in DIT_FAMILIES)
     if base.clip is not None:
-        for name, t in base.clip.cond_stage_model.state_dict().items():
+        for name, (shape, kind) in parameters(base.clip.cond_stage_model).items():
             canon = text_encoder_name(name, sdxl, dit)
             if canon is not None:
                 to_forge[canon] = ("clip", name)
-                shapes[canon] = tuple(t.shape)
+                shapes[canon], kinds[canon] = shape, kind
     layer_map = LayerMap.for_checkpoint(shapes)
     for flag, family in (("is_sdxl", "sdxl"), ("is_sd2", "sd2"), ("is_sd1", "sd1")):
         if getattr(engine, flag, False):
             layer_map.family = family  # Forge's SD2 encoder is HF-layout, which the key test would call sd1
             break
-    return EngineState(engine, layer_map, to_forge, shapes)
+    return EngineState(engine, layer_map, to_forge, shapes, kinds=kinds)
+
+
+def online_lora() -> bool:
+    """Forge's "(fp16 LoRA)" choice in "Diffusion in Low Bits"."""
+    try:
+        from backend.args import dynamic_args
+    except ImportError:
+        return False
+    return bool(dynamic_args.get("online_lora", False))
 
 
 def identifier(component: str, patches: dict) -> str:
@@ -134,6 +172,7 @@ class ForgeBackend:
 
     def state_for(self, engine) -> EngineState:
         if self.state is None or self.state.engine is not engine:
+            self.release()
             self.state = build_state(engine)  # a new engine starts from its own original patchers
         return self.state
 
@@ -156,14 +195,56 @@ class ForgeBackend:
                     out[component][state.to_forge[bias][1]] = (BIAS_TYPE, Ops(ops))
         return out
 
+    def forward_engine(self, state: EngineState, component: str) -> ForwardEngine:
+        """The forward-path engine on the original model of `component`; factors in float32, or in the model's
+        computation dtype under "(fp16 LoRA)"."""
+        base = state.engine.forge_objects_original
+        root = base.unet.model if component == "unet" else base.clip.cond_stage_model
+        dtype = getattr(base.unet.model, "computation_dtype", None) if online_lora() else torch.float32
+        engine = state.forward.get(component)
+        if engine is None or engine.root is not root:
+            if engine is not None:
+                engine.restore()
+            names = {canon: forge_name for canon, (comp, forge_name) in state.to_forge.items() if comp == component}
+            engine = ForwardEngine(root, names.get, host_dequantize=bnb_dequantize)
+            state.forward[component] = engine
+        if dtype is not None and engine.factor_dtype != dtype:
+            engine.restore()  # a changed mode: rebuild the forms in the new dtype
+            engine.factor_dtype = dtype
+        return engine
+
+    def split(self, state: EngineState, plan: Plan) -> tuple[Plan, dict[str, Plan], list[tuple[str, str]]]:
+        """(weights Forge merges, {component: weights the forward path takes}, [(adapter path, reason)] left out)."""
+        merged: Plan = {}
+        forward: dict[str, Plan] = {"unet": {}, "clip": {}}
+        skipped: list[tuple[str, str]] = []
+        for weight, ops in plan.items():
+            kind = state.kinds.get(weight, "float")
+            if kind == "float":
+                merged[weight] = ops
+                continue
+            component = state.to_forge[weight][0]
+            engine = self.forward_engine(state, component)
+            if engine.takes(weight):
+                forward[component][weight] = ops
+            elif kind.startswith("unknown"):
+                module = engine._module(weight)
+                what = type(module[0]).__name__ if module else "?"
+                skipped += [(op.source.partition("|")[0], f"layer type {what} ({kind}) cannot take adapters")
+                            for op in ops]
+            else:
+                merged[weight] = ops  # a quantized non-Linear/Conv weight (fp8 norm): Forge's own cast, as the builtin
+        return merged, forward, skipped
+
     def apply(self, p, plan: Plan) -> dict:
         engine = self.engine_of(p)
         if engine is None:
             return {}
         state = self.state_for(engine)
         register_calculators()
+        plan, forward_plans, skipped = self.split(state, plan)
         base = engine.forge_objects_original
-        stats = {"unet": 0, "clip": 0, "rebuilt": 0, "skipped": 0}
+        stats = {"unet": 0, "clip": 0, "rebuilt": 0, "skipped": 0, "forward": 0}
         chosen = {}
         for component, patches in self.patches(state, plan).items():
             original = getattr(base, component)
@@ -184,18 +265,29 @@ class ForgeBackend:
             stats["rebuilt"] += 1
             state.last[component] = (ident, original, clone)
             chosen[component] = clone
+        for component, forward_plan in forward_plans.items():
+            if forward_plan or component in state.forward:
+                fe = self.forward_engine(state, component)
+                fe.reconcile(forward_plan)
+                stats["forward"] += len(fe.adapted())
+                skipped += [(s.op.source.partition("|")[0], s.reason) for s in fe.skipped]
         engine.forge_objects.unet = chosen["unet"]
         engine.forge_objects.clip = chosen["clip"]
         engine.forge_objects_after_applying_lora = engine.forge_objects.shallow_copy()
-        te = te_signature(plan)
+        te = te_signature({**plan, **forward_plans["clip"]})
         if te != state.te_signature:
             clear_cond_cache(p)
             state.te_signature = te
+        if skipped:
+            stats["left_out"] = skipped
         return stats
 
     def forget(self, sd_model) -> None:
         if self.state is not None and self.state.engine is sd_model:
-            self.state = None
+            self.release()
 
     def release(self) -> None:
+        if self.state is not None:
+            for fe in self.state.forward.values():
+                fe.restore()
         self.state = None

@@ -119,6 +119,7 @@ class Runtime:
             plan = self.plan(req, backend.layer_map(p)) if req.entries else {}
             self.last_stats = backend.apply(p, plan)
             self.last_plan_size = len(plan)
+            req.messages.extend(left_out_messages(req, self.last_stats.pop("left_out", [])))
         except AdapterError as e:
             req.messages.append(f"{e}; no adapter is applied")
             req.entries.clear()
@@ -166,6 +167,15 @@ class Runtime:
 
     def refresh(self) -> None:
         self.library.refresh()
+
+
+def left_out_messages(req: Request, left_out: list[tuple[str, str]]) -> list[str]:
+    """One line per adapter and reason for layers the backend could not patch (the rest of the adapter applies)."""
+    counts: dict[tuple[str, str], int] = {}
+    for path, reason in left_out:
+        counts[(path, reason)] = counts.get((path, reason), 0) + 1
+    return [f"{req.names.get(path, path)}: {n} layer{'s' if n > 1 else ''} left out: {reason}; the rest is applied"
+            for (path, reason), n in counts.items()]
 
 
 def make_backend():

@@ -211,13 +211,53 @@ class KModel(nn.Module):
         self.computation_dtype = dtype
 
 
-def forge_engine(family: str, seed: int = 0, dtype=torch.float32):
-    """A Forge diffusion engine: forge_objects(_original, _after_applying_lora) with UnetPatcher and CLIP."""
+def quantize_unet(kmodel: nn.Module, storage: str) -> None:
+    """Forge's "Diffusion in Low Bits" / GGUF load on the fake UNet: every Linear/Conv2d becomes Forge's layer class
+    (tests/fake_host/forge/backend/operations.py). "fp8": every parameter float8_e4m3fn (Forge casts the whole
+    model), compute float32. "gguf": Linears whose width fits Q8_0 blocks hold real Q8_0 tensors, the rest floats."""
+    from backend.operations import ForgeOperations, ForgeOperationsGGUF
+    from backend.operations_gguf import quantize
+    from gguf import GGMLQuantizationType
+
+    fp8 = torch.float8_e4m3fn
+    for name, module in list(kmodel.named_modules()):
+        parent_name, _, leaf = name.rpartition(".")
+        parent = kmodel.get_submodule(parent_name) if parent_name else kmodel
+        if storage == "fp8" and isinstance(module, nn.Linear):
+            new = ForgeOperations.Linear(module.in_features, module.out_features, module.bias is not None, dtype=fp8)
+            new.weight.data = module.weight.data.to(fp8)
+            if module.bias is not None:
+                new.bias.data = module.bias.data.to(fp8)
+        elif storage == "fp8" and isinstance(module, nn.Conv2d):
+            new = ForgeOperations.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                                         module.padding).requires_grad_(False)
+            new.weight.data, new.bias.data = module.weight.data.to(fp8), module.bias.data.to(fp8)
+        elif storage == "gguf" and isinstance(module, nn.Linear) and module.in_features % 32 == 0:
+            weight = quantize(module.weight.data, GGMLQuantizationType.Q8_0)
+            weight.computation_dtype = torch.float32
+            weight.gguf_cls.bake(weight)
+            bias = nn.Parameter(module.bias.data, requires_grad=False) if module.bias is not None else None
+            new = ForgeOperationsGGUF.Linear(weight, bias)
+        else:
+            continue
+        setattr(parent, leaf, new)
+    if storage == "fp8":
+        for p in kmodel.parameters():
+            p.data = p.data.to(fp8)
+    kmodel.storage_dtype = fp8 if storage == "fp8" else storage
+    kmodel.computation_dtype = torch.float32
+
+
+def forge_engine(family: str, seed: int = 0, dtype=torch.float32, storage: str | None = None):
+    """A Forge diffusion engine: forge_objects(_original, _after_applying_lora) with UnetPatcher and CLIP; `storage`
+    ("fp8", "gguf") quantizes the UNet as Forge loads it."""
     from backend.patcher.clip import CLIP
     from backend.patcher.unet import UnetPatcher
 
     kmodel = randomize(KModel(family, dtype), seed, dtype)
     kmodel.storage_dtype = kmodel.computation_dtype = dtype
+    if storage:
+        quantize_unet(kmodel, storage)
 
     def integrated(width):
         m = nn.Module()
