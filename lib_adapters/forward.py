@@ -425,7 +425,7 @@ class ForwardEngine:
                 self.skipped.append(Skipped(op, f"{op.patch.kind} on layer type {kind} {why}"))
                 continue
             form = form.map_tensors(lambda t: t.to(device=_device(module, attr), dtype=self.factor_dtype))
-            bias = op.patch.delta_bias(None) if isinstance(op.patch, DeltaPatch) else None
+            bias = op.patch.delta_bias(torch.zeros(block[0])) if isinstance(op.patch, DeltaPatch) else None
             if bias is not None:
                 bias = bias.reshape(-1).to(device=_device(module, attr), dtype=self.factor_dtype)
             terms.append(Term(op, form, op.strength, _row_index(op, storage.shape[0], _device(module, attr)),
