@@ -1,9 +1,10 @@
 """Which base model family an adapter was trained for, from its key names and shapes (metadata as a hint).
 
-Order (formats.md §6): DiT key names (Flux BFL or diffusers names, a T5 second encoder; SD3, where a Flux/SD3
-diffusers file without single blocks is told by metadata, then by Flux's 3072 width; a T5 encoder `lora_te3_`) → cross-attention input width
-(768/1024/2048) → a second CLIP encoder (`lora_te2_`, `text_encoder_2.`) → text-encoder width (1024 → SD2,
-1280 → SDXL) → metadata → UNet structure (SDXL-only blocks vs. SD1/SD2-only levels) → CLIP-L width (SD1).
+Order (formats.md §6): DiT key names (SD3's SAI names; Flux BFL or diffusers names, a T5 second encoder; a
+diffusers DiT file without single blocks — Flux and SD3 share those names — by metadata, then by width: Flux 3072,
+SD3 1536/2432, else unknown; a T5 encoder `lora_te3_`) → cross-attention input width (768/1024/2048) → a second
+CLIP encoder (`lora_te2_`, `text_encoder_2.`) → text-encoder width (1024 → SD2, 1280 → SDXL) → metadata → UNet
+structure (SDXL-only blocks vs. SD1/SD2-only levels) → CLIP-L width (SD1).
 """
 
 from __future__ import annotations
@@ -18,9 +19,13 @@ FLUX_KEYS = re.compile(r"double_blocks|single_blocks|single_transformer_blocks|i
                        r"guidance_embedder|final_layer[._]adaLN|(^|[._])img_in([._]|$)", re.M)
 FLUX_WIDTH = 3072  # Flux.1's hidden width: tells a diffusers Flux file without single blocks from an SD3 one
 JOINT_ATTENTION = re.compile(r"attn[._](add_[qkv]_proj|to_[qkv])")
-SD3_KEYS = re.compile(r"joint_blocks|context_block|add_q_proj|ff_context")
-# Prefixes only DiT adapters carry (diffusers/PEFT `transformer.`, OneTrainer `lora_transformer_`).
+SD3_WIDTHS = (1536, 2432)  # SD3 Medium / SD3.5 Medium, SD3.5 Large (64 per head × depth)
+SD3_SAI = re.compile(r"joint_blocks|context_block")
+# Prefixes only DiT adapters carry (diffusers/PEFT `transformer.`, OneTrainer `lora_transformer_`), and a DiT's
+# top-level diffusers blocks behind any adapter prefix (a UNet's sit inside `attentions`).
 DIT_PREFIX = re.compile(r"^(transformer\.|lora_transformer_)")
+DIT_BLOCKS = re.compile(r"^(transformer[._]|lora_transformer_|lycoris_|base_model[._]model[._]|lora_unet_)?"
+                        r"transformer_blocks[._]\d+[._]")
 T5_KEYS = re.compile(r"(^|[._])lora_te3_|text_encoder_3\.")
 # A T5 encoder as the second text encoder (OneTrainer `lora_te2_`, diffusers `text_encoder_2.`): Flux.
 T5_SECOND = re.compile(r"^(lora_te2[._]|text_encoder_2\.).*encoder[._]block[._]\d+[._]layer")
@@ -54,17 +59,21 @@ def detect_family(in_dims: dict[str, int | None], metadata: dict[str, str] | Non
     """`in_dims`: module key → input width of its adapter (None where unknown)."""
     keys = list(in_dims)
     joined = "\n".join(keys)
+    if SD3_SAI.search(joined):
+        return "sd3"
     if FLUX_KEYS.search(joined) or any(T5_SECOND.search(k) for k in keys):
         return "flux"
-    if SD3_KEYS.search(joined) or any(DIT_PREFIX.search(k) for k in keys):
+    dit = [k for k in keys if DIT_BLOCKS.search(k) or DIT_PREFIX.search(k)]
+    if dit:
         from_meta = family_from_metadata(metadata or {})
         if from_meta in ("flux", "sd3"):
             return from_meta
-        if any(w == FLUX_WIDTH and JOINT_ATTENTION.search(k) for k, w in in_dims.items()):
+        if any(in_dims[k] == FLUX_WIDTH and JOINT_ATTENTION.search(k) for k in dit):
             return "flux"
-        if not SD3_KEYS.search(joined):
-            return "unknown"  # a Flux or SD3 transformer, not told apart by these keys
-    if SD3_KEYS.search(joined) or any(T5_KEYS.search(k) for k in keys):
+        if any(in_dims[k] in SD3_WIDTHS for k in dit):
+            return "sd3"
+        return "unknown"  # a Flux or SD3 transformer, not told apart by these keys
+    if any(T5_KEYS.search(k) for k in keys):
         return "sd3" if not re.search(r"lora_te1_", joined) or re.search(r"lora_te2_", joined) else "flux"
     for key, width in in_dims.items():
         if width in CROSS_ATTN_WIDTH and CROSS_ATTN.search(key):
