@@ -16,7 +16,7 @@ from ..errors import AdapterError
 from ..naming import LayerMap
 from ..patching import ModuleStore, Patcher, Plan
 
-MODEL_PREFIXES = ("model.diffusion_model.", "cond_stage_model.", "conditioner.")
+MODEL_PREFIXES = ("model.diffusion_model.", "cond_stage_model.", "conditioner.", "text_encoders.")  # SD3: text_encoders
 COND_CACHES = ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc")
 
 

@@ -15,7 +15,8 @@ from .. import cards
 
 BUILTIN_LORA_EXTENSIONS = ("Lora", "sd_forge_lora")
 SHOW_ALL_OPTION = "adapters_show_all"
-SD_VERSIONS = {"sd1": "SdVersion.SD1", "sd2": "SdVersion.SD2", "sdxl": "SdVersion.SDXL", "flux": "SdVersion.Flux"}
+SD_VERSIONS = {"sd1": "SdVersion.SD1", "sd2": "SdVersion.SD2", "sdxl": "SdVersion.SDXL", "sd3": "SdVersion.SD3",
+               "flux": "SdVersion.Flux"}
 USER_VERSIONS = {"SD1": "sd1", "SD2": "sd2", "SDXL": "sdxl", "Flux": "flux"}
 
 
@@ -76,6 +77,8 @@ def model_family(sd_model) -> str | None:
         return "sd2"
     if getattr(sd_model, "is_sd1", False):
         return "sd1"
+    if getattr(sd_model, "is_sd3", False):
+        return "sd3"
     if getattr(sd_model, "is_flux", False) or "flux" in type(sd_model).__name__.lower():
         return "flux"
     return None
