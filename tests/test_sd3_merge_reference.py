@@ -136,7 +136,7 @@ def test_peft_files_merge_like_peft(base, form):
     if form == "base_model":
         peft_model = get_peft_model(comps["transformer"], cfg)
         state = get_peft_model_state_dict(peft_model)
-        state = {f"base_model.model.{k}": v for k, v in state.items()}
+        assert all(k.startswith("base_model.model.") for k in state)  # PEFT's own spelling
         import json
         meta = {"lora_adapter_metadata": json.dumps({k: sorted(v) if isinstance(v, set) else v
                                                      for k, v in cfg.to_dict().items()}, default=str)}
@@ -196,21 +196,24 @@ def test_sd3_and_sdxl_adapters_are_refused_on_each_others_models(base, tmp_path)
     folder, base_path, ckpt = base
     comps = build_sd3(VARIANT, SEED)
     net, _ = lycoris(comps["transformer"], "lycoris", DIFFUSERS_TARGETS[:3], ALGOS["lora"])
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "sd3_style.safetensors"))
-    sdxl_path = str(tmp_path / "sdxl.safetensors")
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "style_a.safetensors"),
+              metadata={"modelspec.architecture": "stable-diffusion-3-medium/lora"})  # tiny widths: told by metadata
+    sdxl_path = str(tmp_path / "base_xl.safetensors")
     save_file({k: v.contiguous() for k, v in to_checkpoint(build_tiny("sdxl", 1)).items()}, sdxl_path)
     with pytest.raises(AdapterError) as err:
-        merge(sdxl_path, [str(tmp_path)], str(tmp_path / "x.safetensors"), "<lora:sd3_style:1>", log=lambda m: None)
-    assert "sd3_style.safetensors" in str(err.value) and "sd3" in str(err.value) and "sdxl" in str(err.value)
+        merge(sdxl_path, [str(tmp_path)], str(tmp_path / "x.safetensors"), "<lora:style_a:1>", log=lambda m: None)
+    assert "style_a.safetensors" in str(err.value) and "for sd3, the model is sdxl" in str(err.value)
     assert not os.path.exists(tmp_path / "x.safetensors")
-    sdxl_lora = {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.randn(2, 32),
-                 "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.randn(32, 2),
-                 "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.randn(2, 1280),
-                 "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.randn(1280, 2)}
-    save_file(sdxl_lora, str(tmp_path / "sdxl_style.safetensors"))
+    g = torch.Generator().manual_seed(2)
+    xl_lora = {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.randn(2, 640, generator=g),
+               "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.randn(640, 2, generator=g),
+               "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.randn(2, 1280, generator=g),
+               "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.randn(1280, 2, generator=g)}
+    save_file(xl_lora, str(tmp_path / "style_b.safetensors"))
     with pytest.raises(AdapterError) as err:
-        merge(base_path, [str(tmp_path)], str(tmp_path / "y.safetensors"), "<lora:sdxl_style:1>", log=lambda m: None)
-    assert "sdxl_style.safetensors" in str(err.value) and "sdxl" in str(err.value) and "sd3" in str(err.value)
+        merge(base_path, [str(tmp_path)], str(tmp_path / "y.safetensors"), "<lora:style_b:1>", log=lambda m: None)
+    assert "style_b.safetensors" in str(err.value) and "for sdxl, the model is sd3" in str(err.value)
+    assert not os.path.exists(tmp_path / "y.safetensors")
 
 
 def test_keys_that_match_no_layer_are_reported_by_name(base):

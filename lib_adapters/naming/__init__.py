@@ -8,7 +8,7 @@ diffusers (`unet.`, `text_encoder.`, `text_encoder_2.`, processor spellings), PE
 OneTrainer (kohya names, its internal `lora_unet.<path>` / `lora_te1.<path>`, and OMI `unet.<sgm path>`,
 `clip_l.`/`clip_g.`).
 
-DiT families (Flux; SD3 plugs in the same way) have a naming module each (`naming/flux.py`), listed in DIT_FAMILIES
+DiT families (Flux, SD3) have a naming module each (`naming/flux.py`, `naming/sd3.py`), listed in DIT_FAMILIES
 and asked first by `for_checkpoint`/`for_diffusers`: `NAME`; `checkpoint_root(shapes)` (where its transformer lives in
 a state dict, or None) and `add_checkpoint_routes(lm, shapes, root)`; `is_diffusers(names)`, `add_diffusers_routes(lm,
 shapes)` and `add_diffusers_text_encoders(lm, shapes, components)`; optionally `file_renames(keys)` (whole-file
@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from ..algorithms import DeltaPatch
 from ..errors import AdapterError
 from ..patching import Operation, Plan, Target
-from . import flux
+from . import flux, sd3
 from .families import CROSS_ATTN_WIDTH
 from .slots import Slot, Table, module_paths as _modules, shapes_of as _shapes, underscore as _underscore
 from .text import openclip_to_hf
@@ -46,7 +46,7 @@ UNET_ROOTS = ("model.diffusion_model.", "diffusion_model.")
 TEXT_ENCODER_ROOTS = {"cond_stage_model.": 0, "conditioner.embedders.0.": 0, "conditioner.embedders.1.": 1,
                       "clip_l.": 0, "clip_h.": 0, "clip_g.": 1}
 # Transformer (DiT) families, asked in order before the SD UNet tables.
-DIT_FAMILIES = (flux,)
+DIT_FAMILIES = (flux, sd3)
 DIT_FAMILY_NAMES = tuple(f.NAME for f in DIT_FAMILIES)
 
 __all__ = ["DIT_FAMILIES", "LayerMap", "Slot", "build_plan"]
@@ -253,6 +253,9 @@ def clip_tables(shapes, root: str) -> tuple[Table, Table]:
         slot = Slot(w, b, "te")
         hf[_underscore(rel)] = hf[_underscore("text_model." + rel)] = slot
         native[_underscore("transformer.text_model." + rel)] = slot
+    projection = root + "transformer.text_projection.weight"
+    if projection in shapes:  # HF CLIPTextModelWithProjection / Forge's added projection (OneTrainer trains it)
+        hf["text_projection"] = native["transformer_text_projection"] = Slot(projection, None, "te")
     oc_root = root + "model."
     for rel, (w, b) in _modules(shapes, oc_root).items():
         if rel.endswith("attn") and w.endswith("in_proj_weight"):

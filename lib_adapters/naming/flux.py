@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import t5
-from .slots import DIT_WEIGHT_SUFFIXES, Slot, Table, find_root, module_paths, native_table, underscore
+from .slots import DIT_WEIGHT_SUFFIXES, Slot, Table, find_root, halves, module_paths, native_table, underscore
 
 NAME = "flux"
 BFL_MARKER = "double_blocks.0.img_attn.qkv.weight"
@@ -137,12 +137,6 @@ def bfl_aliases(s: Sizes) -> Iterator[tuple[str, str, tuple[int, int] | None]]:
         yield f"{b}processor.qkv_lora", f"{b}linear1", (0, 3 * h)
         yield f"{b}processor.proj_lora", f"{b}linear2", None
     yield "img_in.proj", "img_in", None
-
-
-def halves(rows: int) -> tuple[tuple[int, int], ...]:
-    """The row order of a (scale, shift) ↔ (shift, scale) swap: second half first."""
-    half = rows // 2
-    return ((half, rows), (0, half))
 
 
 # ---- the model holds BFL names (Forge, ComfyUI, single files) ------------------------------------------------

@@ -1,16 +1,28 @@
 """SD3/SD3.5 MMDiT: SAI module paths (`joint_blocks.N.x_block.attn.qkv`: single-file checkpoints, A1111, Forge,
-ComfyUI, kohya) ↔ diffusers `SD3Transformer2DModel` paths (`transformer_blocks.N.attn.to_q`), modern-models.md §3.
+ComfyUI, kohya) ↔ diffusers `SD3Transformer2DModel` paths (`transformer_blocks.N.attn.to_q`), modern-models.md §3,
+and the adapter spellings of both.
 
-Both directions work on module paths (no `.weight`, no root) and take the layout from the model's own names: the
-last joint block (its context block is pre-only) is the highest block index present. A SAI `attn.qkv` (and SD3.5
-Medium's `attn2.qkv`) holds diffusers' q, k, v as row blocks 0/1/2; `final_layer.adaLN_modulation.1` and the last
-block's `context_block.adaLN_modulation.1` hold (shift, scale) where diffusers holds (scale, shift).
+Both directions work on module paths (no `.weight`, no root) and take the layout from the model's own names and
+shapes: depth and the last joint block (its context block is pre-only), SD3.5 Medium's `attn2` layers, q/k norms,
+the width (a fused weight's rows / 3). A SAI `attn.qkv` (and `attn2.qkv`) holds diffusers' q, k, v as row blocks
+0/1/2; `final_layer.adaLN_modulation.1` and the last block's `context_block.adaLN_modulation.1` hold (shift, scale)
+where diffusers holds (scale, shift).
+
+Adapter spellings: kohya/sd-scripts and LyCORIS `lora_unet_`/`lycoris_` + SAI path, ComfyUI `diffusion_model.` +
+SAI, OMI `transformer.` + SAI with q/k/v split indices (`x_block.attn.qkv.0..2`); diffusers/PEFT `transformer.`,
+PEFT `base_model.model.`, OneTrainer `lora_transformer_`, SimpleTuner `lycoris_` + diffusers path. Text encoders:
+CLIP-L (`lora_te1_`, `text_encoder.`, `text_encoders.clip_l.transformer.`, `clip_l.`), CLIP-G (`lora_te2_`,
+`text_encoder_2.`, …clip_g…), both with OneTrainer's `text_projection`; T5 (`lora_te3_`, `text_encoder_3.`,
+`text_encoders.t5xxl.transformer.`, `t5.`).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+
+from . import t5
+from .slots import Slot, Table, find_root, halves, module_paths, native_table, underscore
 
 TOP_SAI_TO_DIFFUSERS = {
     "x_embedder.proj": "pos_embed.proj",
@@ -115,3 +127,109 @@ def variant(paths: Iterable[str]) -> str:
     if info["attn2_layers"]:
         return "SD3.5 Medium"
     return "SD3.5 Large" if info["qk_norm"] else "SD3 Medium"
+
+
+# ---- routes onto a model (LayerMap), as every DiT family module provides them ----------------------------------
+
+NAME = "sd3"
+SAI_MARKER_KEY = "joint_blocks.0.x_block.attn.qkv.weight"
+CHECKPOINT_ROOTS = ("model.diffusion_model.", "diffusion_model.", "")
+DIFFUSERS_MARKERS = ("pos_embed.proj.weight", "transformer_blocks.0.norm1_context.linear.weight")
+# Adapter spellings in front of SAI paths: kohya/sd-scripts, LyCORIS, ComfyUI, OMI (`transformer.` + SAI with
+# q/k/v split indices), bare; in front of diffusers paths: diffusers/PEFT, PEFT models, OneTrainer legacy,
+# SimpleTuner LyCORIS, kohya-style.
+SAI_PREFIXES = ("lora_unet_", "lycoris_", "diffusion_model_", "model_diffusion_model_", "transformer_",
+                "base_model_model_", "")
+DIFFUSERS_PREFIXES = ("transformer_", "base_model_model_", "lora_transformer_", "lycoris_", "lora_unet_", "")
+CLIP_L = (("text_encoders.clip_l.", "clip_l."), ("lora_te1_", "text_encoder_", "text_encoders_clip_l_transformer_",
+                                                 "text_encoders_clip_l_", "clip_l_transformer_", "clip_l_"))
+CLIP_G = (("text_encoders.clip_g.", "clip_g."), ("lora_te2_", "text_encoder_2_", "text_encoders_clip_g_transformer_",
+                                                 "text_encoders_clip_g_", "clip_g_transformer_", "clip_g_"))
+T5_PREFIXES = ("lora_te3_", "text_encoder_3_") + t5.COMMON_PREFIXES
+
+
+def checkpoint_root(shapes) -> str | None:
+    """Where an MMDiT in SAI names lives in a state dict (with or without `model.diffusion_model.` /
+    `diffusion_model.`), or None; needs `x_embedder.proj.weight` too, so a SAI-named adapter is no checkpoint."""
+    root = find_root(shapes, SAI_MARKER_KEY, CHECKPOINT_ROOTS)
+    return root if root is not None and root + "x_embedder.proj.weight" in shapes else None
+
+
+def add_checkpoint_routes(lm, shapes, root: str) -> None:
+    """Routes for every SD3 adapter spelling onto a SAI-named model under `root`, and its text encoders: diffusers
+    q/k/v onto row thirds of the fused `qkv`, the two swapped modulations with their halves in diffusers order."""
+    modules = module_paths(shapes, root)
+    last = last_block(modules)
+    sai = native_table(shapes, root, "unet", params=True)
+    diffusers: Table = {}
+    for path, (w, b) in modules.items():
+        twins_of = sai_to_diffusers(path)
+        rows = shapes[w][0] if shapes.get(w) else None
+        if len(twins_of) == 3 and rows:
+            third = rows // 3
+            for dpath, part in twins_of:
+                slot = Slot(w, b, "unet", rows=(part * third, (part + 1) * third))
+                diffusers[underscore(dpath)] = sai[underscore(f"{path}.{part}")] = slot
+        elif len(twins_of) == 3:  # names only: the width comes from the patch
+            for dpath, part in twins_of:
+                diffusers[underscore(dpath)] = sai[underscore(f"{path}.{part}")] = Slot(w, b, "unet", part=part)
+        elif twins_of:
+            order = halves(rows) if rows and is_swapped(path, last) else None
+            diffusers[underscore(twins_of[0][0])] = Slot(w, b, "unet", order=order)
+    lm._add(SAI_PREFIXES, sai)
+    lm._add(DIFFUSERS_PREFIXES, diffusers)
+    add_text_encoder_routes(lm, shapes)
+
+
+def add_text_encoder_routes(lm, shapes) -> None:
+    """CLIP-L, CLIP-G (HF layout, with `text_projection`) and T5, wherever the model holds them."""
+    from . import clip_tables
+
+    for roots, prefixes in (CLIP_L, CLIP_G):
+        root = find_root(shapes, "transformer.text_model.final_layer_norm.weight", roots)
+        if root is not None:
+            lm._add(prefixes, clip_tables(shapes, root)[0])
+    t5_root = t5.root(shapes)
+    if t5_root is not None:
+        lm._add(T5_PREFIXES, t5.table(shapes, t5_root))
+
+
+def is_diffusers(names) -> bool:
+    """Whether a diffusers transformer component (names relative to it) is an SD3Transformer2DModel."""
+    return all(m in names for m in DIFFUSERS_MARKERS)
+
+
+def add_diffusers_routes(lm, shapes, root: str = "transformer.") -> None:
+    """Routes onto a diffusers SD3 transformer under `root`: diffusers spellings directly, SAI spellings onto the
+    same layers — a fused `qkv` onto a virtual weight stacking to_q/to_k/to_v (LayerMap.fuse)."""
+    modules = module_paths(shapes, root)
+    last = last_block(modules)
+    lm._add(DIFFUSERS_PREFIXES, native_table(shapes, root, "unet", params=True))
+    sai: Table = {}
+    fused: dict[str, dict[int, tuple[str, str | None]]] = {}
+    for path, (w, b) in modules.items():
+        mapped = diffusers_to_sai(path)
+        if mapped is None:
+            continue
+        spath, part = mapped
+        if part is None:
+            order = halves(shapes[w][0]) if is_swapped(spath, last) and shapes.get(w) else None
+            sai[underscore(spath)] = Slot(w, b, "unet", order=order)
+        else:
+            fused.setdefault(spath, {})[part] = (w, b)
+            sai[underscore(f"{spath}.{part}")] = Slot(w, b, "unet")
+    for spath, parts in fused.items():
+        if sorted(parts) == [0, 1, 2]:
+            w, b = lm.fuse([parts[0], parts[1], parts[2]])
+            sai[underscore(spath)] = Slot(w, b, "unet")
+    lm._add(SAI_PREFIXES, sai)
+
+
+def add_diffusers_text_encoders(lm, shapes, components) -> None:
+    from . import diffusers_clip_table
+
+    for comp, (_, prefixes) in (("text_encoder", CLIP_L), ("text_encoder_2", CLIP_G)):
+        if components.get(comp) is not None:
+            lm._add(prefixes, diffusers_clip_table(shapes, comp))
+    if components.get("text_encoder_3") is not None:
+        lm._add(T5_PREFIXES, t5.table(shapes, "text_encoder_3."))

@@ -76,3 +76,9 @@ def find_root(names, marker: str, roots: Iterable[str]) -> str | None:
     """The first of `roots` under which `marker` exists in `names`."""
     names = names if isinstance(names, (set, dict, Mapping)) else set(names)
     return next((r for r in roots if r + marker in names), None)
+
+
+def halves(rows: int) -> tuple[tuple[int, int], ...]:
+    """The row order of a (scale, shift) ↔ (shift, scale) swap: second half first."""
+    half = rows // 2
+    return ((half, rows), (0, half))
