@@ -95,3 +95,72 @@ def test_flux_width_transformer_blocks_are_not_sd3():
     assert detect_family({"transformer.transformer_blocks.0.attn.to_q": 3072}) == "flux"
     assert detect_family({"transformer.single_transformer_blocks.0.attn.to_q": 3072,
                           "transformer.transformer_blocks.0.attn.to_q": 3072}) == "flux"
+
+
+SAI = "model.diffusion_model."
+SPELLINGS = {  # target weight (relative to the SAI root or a text-encoder root), rows, swapped → adapter spellings
+    ("joint_blocks.1.context_block.attn.qkv", (32, 64), False): [
+        "transformer.joint_blocks.1.context_block.attn.qkv.1",
+        "transformer.transformer_blocks.1.attn.add_k_proj", "base_model.model.transformer_blocks.1.attn.add_k_proj",
+        "lora_transformer_transformer_blocks_1_attn_add_k_proj", "lycoris_transformer_blocks_1_attn_add_k_proj"],
+    ("joint_blocks.0.x_block.attn2.qkv", (64, 96), False): [
+        "transformer.transformer_blocks.0.attn2.to_v", "transformer.joint_blocks.0.x_block.attn2.qkv.2"],
+    ("joint_blocks.0.x_block.attn.qkv", None, False): [
+        "lora_unet_joint_blocks_0_x_block_attn_qkv", "lycoris_joint_blocks_0_x_block_attn_qkv",
+        "diffusion_model.joint_blocks.0.x_block.attn.qkv", "joint_blocks.0.x_block.attn.qkv"],
+    ("final_layer.adaLN_modulation.1", None, True): ["transformer.norm_out.linear", "lora_transformer_norm_out_linear"],
+    ("joint_blocks.2.context_block.adaLN_modulation.1", None, True): ["transformer.transformer_blocks.2.norm1_context.linear"],
+    ("joint_blocks.1.context_block.adaLN_modulation.1", None, False): ["transformer.transformer_blocks.1.norm1_context.linear",
+                                                                       "lora_unet_joint_blocks_1_context_block_adaLN_modulation_1"],
+    ("x_embedder.proj", None, False): ["transformer.pos_embed.proj", "lora_unet_x_embedder_proj"],
+    ("text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj", None, False): [
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj", "text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
+        "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj",
+        "clip_l.text_model.encoder.layers.0.self_attn.q_proj"],
+    ("text_encoders.clip_g.transformer.text_projection", None, False): [
+        "lora_te2_text_projection", "text_encoder_2.text_projection"],
+    ("text_encoders.t5xxl.transformer.encoder.block.1.layer.1.DenseReluDense.wi_0", None, False): [
+        "lora_te3_encoder_block_1_layer_1_DenseReluDense_wi_0", "text_encoder_3.encoder.block.1.layer.1.DenseReluDense.wi_0",
+        "t5.encoder.block.1.layer.1.DenseReluDense.wi_0",
+        "text_encoders.t5xxl.transformer.encoder.block.1.layer.1.DenseReluDense.wi_0"],
+}
+
+
+@pytest.mark.parametrize("transformer_only", [False, True])
+def test_every_sd3_spelling_resolves_to_its_sai_target(transformer_only):
+    from lib_adapters.naming import LayerMap
+
+    comps = build_sd3("sd3.5-medium", seed=3)
+    ckpt = sd3_to_checkpoint(comps)
+    if transformer_only:  # a bare MMDiT file (ComfyUI `diffusion_models/`)
+        ckpt = {k[len(SAI):]: v for k, v in ckpt.items() if k.startswith(SAI)}
+    lm = LayerMap.for_checkpoint({k: v.shape for k, v in ckpt.items()})
+    assert lm.family == "sd3"
+    for (target, rows, swapped), spellings in SPELLINGS.items():
+        if transformer_only and target.startswith("text_encoders."):
+            continue
+        weight = ("" if target.startswith("text_encoders.") or transformer_only else SAI) + target + ".weight"
+        n = ckpt[weight].shape[0]
+        order = ((n // 2, n), (0, n // 2)) if swapped else None  # diffusers' (scale, shift) from SAI's rows
+        for key in spellings:
+            found = lm.resolve(key)
+            assert len(found) == 1, key
+            t = found[0]
+            assert (t.weight, t.rows, t.order) == (weight, rows, order), key
+            assert t.component == ("te" if target.startswith("text_encoders.") else "unet"), key
+
+
+def test_sai_spellings_on_a_diffusers_model_name_the_stacked_q_k_v():
+    from lib_adapters.naming import LayerMap
+
+    comps = build_sd3("sd3.5-medium", seed=3)
+    lm = LayerMap.for_diffusers({n: m.state_dict() for n, m in comps.items()})
+    assert lm.family == "sd3"
+    (t,) = lm.resolve("lora_unet_joint_blocks_1_context_block_attn_qkv")
+    assert t.weight == "+".join(f"transformer.transformer_blocks.1.attn.add_{p}_proj.weight" for p in "qkv")
+    (t,) = lm.resolve("lora_unet_final_layer_adaLN_modulation_1")
+    assert t.weight == "transformer.norm_out.linear.weight" and t.order == ((32, 64), (0, 32))
+    (t,) = lm.resolve("transformer.joint_blocks.0.x_block.attn2.qkv.1")
+    assert t.weight == "transformer.transformer_blocks.0.attn2.to_k.weight" and t.rows is None
+    (t,) = lm.resolve("lora_te3_encoder_block_0_layer_0_SelfAttention_q")
+    assert t.weight == "text_encoder_3.encoder.block.0.layer.0.SelfAttention.q.weight" and t.component == "te"
