@@ -313,7 +313,8 @@ def check_family(adapter, layer_map: LayerMap) -> None:
 
 
 def build_plan(entries, layer_map: LayerMap) -> tuple[Plan, dict[str, list[str]]]:
-    """entries: [(Adapter, unet_strength, te_strength)] in prompt order → (plan, {adapter path: unmatched keys}).
+    """entries: [(Adapter, unet_strength, te_strength[, blocks])] in prompt order → (plan, {adapter path:
+    unmatched keys}); `blocks` (e.g. `blocks.BlockWeights`) multiplies each layer's strength by `blocks.of(weight)`.
 
     Raises AdapterError for an adapter of another family, a layer that does not fit its weight, or an adapter
     none of whose layers match the model. Zero-strength operations are left out of the plan.
@@ -321,7 +322,8 @@ def build_plan(entries, layer_map: LayerMap) -> tuple[Plan, dict[str, list[str]]
     plan: Plan = {}
     unmatched: dict[str, list[str]] = {}
     in_order: list[Operation] = []
-    for adapter, unet_strength, te_strength in entries:
+    for adapter, unet_strength, te_strength, *rest in entries:
+        blocks = rest[0] if rest else None
         check_family(adapter, layer_map)
         missing = []
         ops = []
@@ -334,6 +336,8 @@ def build_plan(entries, layer_map: LayerMap) -> tuple[Plan, dict[str, list[str]]
                 target = layer_map.widen_input(target, patch)
                 layer_map.check_fits(adapter.path, key, patch, target, getattr(adapter, "family", "unknown"))
                 strength = unet_strength if target.component == "unet" else te_strength
+                if blocks is not None:
+                    strength = strength * blocks.of(target.weight)
                 if strength:
                     ops.append(Operation(patch, float(strength), target, _source(adapter, key)))
         if adapter.layers and len(missing) == len(adapter.layers):

@@ -1,0 +1,173 @@
+"""Strengths that change over the sampling steps, in sd-webui-loractl's syntax: `w@step` pairs separated by `,` or
+`;` (`~` for `@` too; a weight without a step means `w@1`), linear between points, constant outside.
+
+A list whose steps are all ≤ 1 is fractional: 0 is the first step of the pass, 1 its last, step i of N (counted
+from 0) sits at i/(N−1). Otherwise steps are step numbers counted from 1, as the progress bar counts them: step i
+(from 0) sits at i+1, so `0@5,1@6` leaves the first five steps without the adapter. A schedule is evaluated at the
+step being computed (sd-webui-loractl reads the host's step counter, which runs one to two steps late).
+
+`StepPlan` turns scheduled entries into the plan of any step: built once at unit strength, re-scaled per step,
+so a step costs only the weights whose strength changed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .errors import AdapterError
+from .patching import Operation, Plan
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def number(text: str, tag: str, what: str = "strength") -> float:
+    """A finite decimal number, or AdapterError naming the tag."""
+    text = text.strip()
+    if not _NUMBER.fullmatch(text) or not math.isfinite(value := float(text)):
+        raise AdapterError(None, f"malformed tag {tag}: {text!r} is not a number ({what})")
+    return value
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A strength over the steps: (step, value) points sorted by step; fractional or step numbers."""
+
+    points: tuple[tuple[float, float], ...]
+    fractional: bool
+    text: str = ""
+
+    def position(self, index: int, steps: int) -> float:
+        """Where step `index` (from 0) of a pass of `steps` steps sits on this schedule's axis."""
+        if not self.fractional:
+            return index + 1.0
+        return index / (steps - 1) if steps > 1 else 0.0
+
+    def at(self, index: int, steps: int) -> float:
+        return interpolate(self.points, self.position(index, steps))
+
+    def __add__(self, other):
+        return Total((self, other))
+
+    __radd__ = __add__
+
+
+@dataclass(frozen=True)
+class Total:
+    """The sum of several strengths (the same adapter tagged more than once)."""
+
+    terms: tuple
+
+    def at(self, index: int, steps: int) -> float:
+        return sum(value_at(t, index, steps) for t in self.terms)
+
+    def __add__(self, other):
+        return Total(self.terms + (other,))
+
+    __radd__ = __add__
+
+
+Strength = float | Schedule | Total
+
+
+def interpolate(points: Sequence[tuple[float, float]], x: float) -> float:
+    """Linear between points, the first/last value outside; at a step given twice, the later point holds."""
+    steps = [s for s, _ in points]
+    if x <= steps[0]:
+        return points[0][1] if x < steps[0] else points[bisect.bisect_right(steps, x) - 1][1]
+    if x >= steps[-1]:
+        return points[-1][1]
+    j = bisect.bisect_right(steps, x)
+    (s0, v0), (s1, v1) = points[j - 1], points[j]
+    if x == s0:
+        return v0
+    return v0 + (v1 - v0) * ((x - s0) / (s1 - s0))
+
+
+def value_at(strength: Strength, index: int, steps: int) -> float:
+    return float(strength) if isinstance(strength, (int, float)) else strength.at(index, steps)
+
+
+def first(strength: Strength) -> float:
+    """The value at a pass's first step (what a text encoder gets: it runs once, before sampling)."""
+    return value_at(strength, 0, 1)
+
+
+def is_scheduled(strength: Strength) -> bool:
+    return not isinstance(strength, (int, float))
+
+
+def parse_strength(text: str, tag: str = "") -> Strength:
+    """A number, or a `w@step,…` schedule; AdapterError naming the tag on anything else."""
+    tag = tag or text
+    if not re.search(r"[@~,;]", text):
+        return number(text, tag)
+    points = []
+    for item in re.split(r"[,;]", text):
+        parts = re.split(r"[@~]", item)
+        if not item.strip() or len(parts) > 2:
+            what = f"entry {item.strip()!r}" if item.strip() else "an empty entry"
+            raise AdapterError(None, f"malformed tag {tag}: {what} in schedule {text!r}; expected w@step,…")
+        step = number(parts[1], tag, "schedule step") if len(parts) == 2 else 1.0
+        points.append((step, number(parts[0], tag, "schedule weight")))
+    points.sort(key=lambda p: p[0])
+    if points[0][0] < 0:
+        raise AdapterError(None, f"malformed tag {tag}: schedule {text!r} has a negative step")
+    return Schedule(tuple(points), all(s <= 1 for s, _ in points), text.strip())
+
+
+# ---- plans over the steps ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StepEntry:
+    """One adapter with strengths that may change per step (`blocks`: optional per-layer multiplier)."""
+
+    adapter: object
+    unet: Strength
+    te: Strength
+    blocks: object = None
+
+
+class StepPlan:
+    """The plan of each step for entries with schedules: unit-strength operations, scaled by the step's values.
+
+    The text encoder's strength is its value at the first step throughout (it runs once, before sampling)."""
+
+    def __init__(self, entries: Sequence[StepEntry], layer_map):
+        from .naming import build_plan
+
+        self.entries = list(entries)
+        self.by_weight: dict[str, list[tuple[int, Operation]]] = {}
+        self.unmatched: dict[str, list[str]] = {}
+        for i, e in enumerate(self.entries):
+            unit, unmatched = build_plan([(e.adapter, 1.0, 1.0, e.blocks)], layer_map)
+            self.unmatched.update(unmatched)
+            for weight, ops in unit.items():
+                self.by_weight.setdefault(weight, []).extend((i, op) for op in ops)
+        self.scheduled = any(is_scheduled(e.unet) for e in self.entries)
+        self.te_values = [first(e.te) for e in self.entries]
+
+    def values(self, index: int, steps: int) -> list[tuple[float, float]]:
+        """(unet, te) of each entry at one step."""
+        return [(value_at(e.unet, index, steps), te) for e, te in zip(self.entries, self.te_values)]
+
+    def plan(self, values: list[tuple[float, float]]) -> Plan:
+        """The plan at given (unet, te) values per entry: zero strengths left out (those layers untouched)."""
+        plan: Plan = {}
+        for weight, items in self.by_weight.items():
+            ops = []
+            for i, op in items:
+                s = values[i][0] if op.target.component == "unet" else values[i][1]
+                if s:
+                    ops.append(dataclasses.replace(op, strength=op.strength * s) if op.strength != 1.0 or s != 1.0
+                               else op)
+            if ops:
+                plan[weight] = ops
+        return plan
+
+    def plan_at(self, index: int, steps: int) -> Plan:
+        return self.plan(self.values(index, steps))

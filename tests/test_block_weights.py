@@ -1,0 +1,237 @@
+"""Block weights (`lbw=`): the block of every layer equals sd-webui-lora-block-weight's assignment, re-derived here
+from its rule (a substring of A1111's network layer name, the last listed block found wins; the text encoders are
+BASE; anything else keeps weight 1), for SD1, SD2 and SDXL in checkpoint and diffusers naming; a layer's strength
+is the tag's strength times its block's weight for every algorithm; weight 0 leaves a layer bit-exactly untouched;
+presets and the preset file; bad values give one message naming the tag and what was expected."""
+
+import functools
+
+import pytest
+import torch
+
+from lib_adapters.adapter import Adapter
+from lib_adapters.errors import AdapterError
+from lib_adapters.models import build_tiny, to_checkpoint
+from lib_adapters.naming import LayerMap, build_plan
+from lib_adapters.naming.blocks import LISTS, BlockWeights, block_of, load_presets, parse_block_weights
+from lib_adapters.patching import Patcher, StateDictStore
+
+from test_naming_reach import ldm_module_names
+
+# The reference's 26 block ids and the substrings it looks for, in its order (index 26, 27 are text encoders).
+BLOCK26 = ["BASE"] + [f"IN{i:02d}" for i in range(12)] + ["M00"] + [f"OUT{i:02d}" for i in range(12)]
+NEEDLES = (["encoder"] + [f"diffusion_model_input_blocks_{i}_" for i in range(12)] + ["diffusion_model_middle_block_"]
+           + [f"diffusion_model_output_blocks_{i}_" for i in range(12)] + ["embedders", "transformer_resblocks"])
+
+
+def network_name(weight: str) -> str:
+    """A1111's network layer name of a checkpoint weight: the module path under sd_model.model or the (wrapped)
+    text encoder, `.` → `_`; SDXL encoders get their index as prefix."""
+    module = weight.rpartition(".")[0]
+    if module.startswith("model."):
+        return module[len("model."):].replace(".", "_")
+    if module.startswith("conditioner.embedders."):
+        index, _, rest = module[len("conditioner.embedders."):].partition(".")
+        return f"{index}_" + rest.replace(".", "_")
+    return module[len("cond_stage_model."):].replace(".", "_")
+
+
+def reference_block(weight: str) -> str | None:
+    found = None
+    for i, needle in enumerate(NEEDLES):
+        if needle in network_name(weight):
+            found = BLOCK26[0 if i >= 26 else i]
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def tiny(family):
+    comps = build_tiny(family, seed=7)
+    return comps, to_checkpoint(comps)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_every_checkpoint_layer_is_in_the_reference_block(family):
+    _, ckpt = tiny(family)
+    names = [k for k in ckpt if k.startswith(("model.diffusion_model.", "cond_stage_model.", "conditioner."))]
+    assert {block_of(k) for k in names} >= ({"BASE", "M00", "IN00", "OUT00"})
+    mismatched = [(k, block_of(k), reference_block(k)) for k in names if block_of(k) != reference_block(k)]
+    assert mismatched == []
+    assert block_of("model.diffusion_model.time_embed.0.weight") is None
+    assert block_of("model.diffusion_model.out.2.weight") is None
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_diffusers_names_are_in_the_block_of_their_ldm_layer(family):
+    comps, ckpt = tiny(family)
+    ldm = ldm_module_names(comps, ckpt)
+    for path, module in comps["unet"].named_modules():
+        if isinstance(getattr(module, "weight", None), torch.nn.Parameter):
+            assert block_of(f"unet.{path}.weight") == reference_block(f"model.diffusion_model.{ldm[path]}.weight"), path
+    encoders = ["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"]
+    for comp in encoders:
+        for name in comps[comp].state_dict():
+            want = "BASE" if name.startswith(("encoder.layers.", "text_model.encoder.layers.")) else None
+            assert block_of(f"{comp}.{name}") == want, name
+
+
+def test_block_lists_are_the_reference_lists():
+    assert LISTS[26] == tuple(BLOCK26)
+    assert LISTS[17] == ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00", "OUT03", "OUT04", "OUT05",
+                         "OUT06", "OUT07", "OUT08", "OUT09", "OUT10", "OUT11")
+    assert LISTS[12] == ("BASE", "IN04", "IN05", "IN07", "IN08", "M00", "OUT00", "OUT01", "OUT02", "OUT03", "OUT04",
+                         "OUT05")
+    assert LISTS[20] == tuple(BLOCK26[:10] + ["M00"] + [f"OUT{i:02d}" for i in range(9)])
+
+
+# ---- strengths per layer, every algorithm ------------------------------------------------------------------------
+
+UNET_ALL = ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"]
+ALGOS = [("lora", {}), ("loha", {}), ("lokr", {"factor": 4}), ("full", {}), ("ia3", {}), ("glora", {}),
+         ("diag-oft", {"constraint": 0}), ("boft", {}), ("lora", {"dora_wd": True})]
+
+
+def lycoris_state(model, prefix, modules, algo, dim=4, **options):
+    """A LyCORIS network over `model` (kohya-style names), every parameter random and non-zero."""
+    from lycoris import LycorisNetwork, create_lycoris
+
+    LycorisNetwork.apply_preset({"target_module": modules, "target_name": [], "lora_prefix": prefix,
+                                 "enable_conv": True, "module_algo_map": {}, "name_algo_map": {},
+                                 "exclude_name": [], "use_fnmatch": False})
+    net = create_lycoris(model, 1.0, linear_dim=dim, linear_alpha=2, conv_dim=dim, conv_alpha=3, algo=algo,
+                         warn_on_unmatched=False, **options)
+    net.apply_to()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, p in net.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
+
+
+def lycoris_adapter(family, algo, options, path):
+    comps = build_tiny(family, seed=7)
+    modules = ["Transformer2DModel"] if algo in ("ia3", "glora") else UNET_ALL
+    dim = 8 if algo == "boft" else 4  # BOFT: block size 8 divides every tiny width
+    sd = lycoris_state(comps["unet"], "lora_unet", modules, algo, dim, **options)
+    te_prefix = "lora_te1" if family == "sdxl" else "lora_te"
+    sd.update(lycoris_state(comps["text_encoder"], te_prefix, ["CLIPAttention"], algo, dim, **options))
+    return Adapter.from_tensors(sd, {}, path)
+
+
+def random_weights(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    values = [round(float(v), 3) for v in torch.rand(n, generator=g) * 2 - 0.5]
+    values[3] = 0.0
+    return values
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("algo,options", ALGOS, ids=[a + ("-dora" if o.get("dora_wd") else "") for a, o in ALGOS])
+def test_each_layer_gets_tag_strength_times_its_block_weight(family, algo, options):
+    comps, ckpt = tiny(family)
+    adapter = lycoris_adapter(family, algo, options, f"{algo}.safetensors")
+    n = 26 if family == "sd1" else 20
+    values = random_weights(n, seed=len(algo))
+    lbw = parse_block_weights(",".join(map(str, values)), family, load_presets())
+    by_block = dict(zip(LISTS[n], values))
+    unet, te = 0.8, -0.6
+    lm = LayerMap.for_checkpoint(ckpt)
+    plan, _ = build_plan([(adapter, unet, te, lbw)], lm)
+    fixed, _ = build_plan([(adapter, unet, te)], lm)
+    seen_blocks = set()
+    for weight, ops in fixed.items():
+        block = reference_block(weight)
+        seen_blocks.add(block)
+        factor = 1.0 if block is None else by_block.get(block, 0.0)
+        base = unet if ops[0].target.component == "unet" else te
+        if factor == 0:
+            assert weight not in plan, weight
+            continue
+        assert [op.strength for op in plan[weight]] == [base * factor] * len(ops), weight
+    assert len(seen_blocks - {None}) >= 6
+    diffusers = LayerMap.for_diffusers({k: comps[k].state_dict() for k in ("unet", "text_encoder", "text_encoder_2")
+                                        if k in comps})
+    d_plan, _ = build_plan([(adapter, unet, te, lbw)], diffusers)
+    assert sorted(op.strength for ops in d_plan.values() for op in ops) == \
+        sorted(op.strength for ops in plan.values() for op in ops)
+
+
+def test_zero_weight_blocks_stay_bit_identical_and_others_equal_the_fixed_strength_merge():
+    _, ckpt = tiny("sd1")
+    adapter = lycoris_adapter("sd1", "loha", {}, "loha.safetensors")
+    lm = LayerMap.for_checkpoint(ckpt)
+    lbw = parse_block_weights("OUTD", "sd1", load_presets())  # BASE and OUT03-OUT06 at 1, the rest 0
+    store = {k: v.clone() for k, v in ckpt.items()}
+    patcher = Patcher(StateDictStore(store))
+    plan, _ = build_plan([(adapter, 0.7, 0.4, lbw)], lm)
+    patcher.reconcile(plan)
+    full, _ = build_plan([(adapter, 0.7, 0.4)], lm)
+    reference = {k: v.clone() for k, v in ckpt.items()}
+    Patcher(StateDictStore(reference)).reconcile(full)
+    changed = {k for k in ckpt if not torch.equal(store[k], ckpt[k])}
+    assert changed and {reference_block(k) for k in changed} <= {"BASE", "OUT03", "OUT04", "OUT05", "OUT06", None}
+    for k in full:
+        if reference_block(k) in ("BASE", "OUT03", "OUT04", "OUT05", "OUT06", None):
+            assert torch.equal(store[k], reference[k]), k
+        else:
+            assert torch.equal(store[k], ckpt[k]), k
+    patcher.restore()
+    assert all(torch.equal(store[k], v) for k, v in ckpt.items())
+
+
+# ---- presets and messages ------------------------------------------------------------------------------------------
+
+def test_shipped_presets_and_a_user_file(tmp_path):
+    (tmp_path / "lbwpresets.txt").write_text(
+        "MINE:1,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0.5\n"
+        "OUTD:0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,1\n"      # replaces the shipped OUTD
+        "# COMMENTED:1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1\n"
+        "SHORT:1,1,1\n"                                   # no list has 3 weights: skipped, as the reference does
+        "XL:1,1,1,1,1,1,0,0,0,0,0,0\n", encoding="utf-8")
+    presets = load_presets([str(tmp_path), str(tmp_path / "missing")])
+    mine = parse_block_weights("MINE", "sd1", presets)
+    assert mine.weights["BASE"] == 1 and mine.weights["OUT11"] == 0.5
+    assert mine.of("model.diffusion_model.input_blocks.0.0.weight") == 0  # IN00 is not in the 17-block list
+    assert parse_block_weights("OUTD", "sd1", presets).weights["OUT11"] == 1
+    assert parse_block_weights("ALL", "sdxl", presets).of("model.diffusion_model.output_blocks.0.1.proj_in.weight") == 1
+    assert parse_block_weights("XL", "sdxl", presets).weights["M00"] == 1
+    for bad in ("COMMENTED", "SHORT"):
+        with pytest.raises(AdapterError, match="unknown block-weight preset"):
+            parse_block_weights(bad, "sd1", presets)
+
+
+def test_default_presets_mean_what_the_reference_ships():
+    presets = load_presets()
+    ins = parse_block_weights("INS", "sd1", presets)
+    assert [b for b, w in ins.weights.items() if w] == ["BASE", "IN01", "IN02", "IN04"]
+    assert parse_block_weights("ALL0.5", "sd1", presets).weights == dict.fromkeys(LISTS[17], 0.5)
+
+
+@pytest.mark.parametrize("value,family,words", [
+    ("1,1,1", "sd1", ["3 block weights", "SD1", "17 or 26"]),
+    ("1,1,1,1,1,1,1,1,1,1,1,1", "sd1", ["12 block weights", "17 or 26"]),
+    ("1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1", "sdxl", ["17 block weights", "SDXL", "12 or 20"]),
+    ("OUTD", "sdxl", ["preset 'OUTD' has 17 weights", "12 or 20"]),
+    ("NOPE", "sd1", ["unknown block-weight preset 'NOPE'", "ALL", "OUTD"]),
+    ("R,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1", "sd1", ["R (a random value) is not supported"]),
+    ("1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,one", "sd1", ["'one' is not a number"]),
+    ("", "sd1", ["empty"]),
+])
+def test_bad_block_weights_name_the_tag_and_what_was_expected(value, family, words):
+    tag = f"<lora:a:1:lbw={value}>"
+    with pytest.raises(AdapterError) as e:
+        parse_block_weights(value, family, load_presets(), tag=tag)
+    assert tag in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_x_takes_the_tags_x_value():
+    bw = parse_block_weights("X,1,1,1,1,1,1,1,X+0.25,X-1,0,0,0,0,0,0,0", "sd1", load_presets(), x=0.5)
+    assert (bw.weights["BASE"], bw.weights["OUT03"], bw.weights["OUT04"]) == (0.5, 0.75, -0.5)
+    assert parse_block_weights("X,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1", "sd1", load_presets()).weights["BASE"] == 1.0
+
+
+def test_layers_outside_every_block_keep_weight_one():
+    bw = BlockWeights(dict.fromkeys(LISTS[26], 0.0))
+    assert bw.of("model.diffusion_model.time_embed.0.weight") == 1.0
+    assert bw.of("cond_stage_model.transformer.text_model.final_layer_norm.weight") == 1.0
+    assert bw.of("model.diffusion_model.input_blocks.1.1.proj_in.weight") == 0.0
