@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Sequence
@@ -71,7 +72,26 @@ class Total:
     __radd__ = __add__
 
 
-Strength = float | Schedule | Total
+@dataclass(frozen=True)
+class Window:
+    """A strength that acts only from step `start` (counted from 0) up to, not including, step `stop`: the
+    `start=`/`stop=`/`step=a-b` of sd-webui-lora-block-weight (`stop=10`: the first ten steps)."""
+
+    strength: object
+    start: int = 0
+    stop: int | None = None
+
+    def at(self, index: int, steps: int) -> float:
+        inside = index >= self.start and (self.stop is None or index < self.stop)
+        return value_at(self.strength, index, steps) if inside else 0.0
+
+    def __add__(self, other):
+        return Total((self, other))
+
+    __radd__ = __add__
+
+
+Strength = float | Schedule | Total | Window
 
 
 def interpolate(points: Sequence[tuple[float, float]], x: float) -> float:
@@ -117,6 +137,8 @@ def parse_strength(text: str, tag: str = "") -> Strength:
     points.sort(key=lambda p: p[0])
     if points[0][0] < 0:
         raise AdapterError(None, f"malformed tag {tag}: schedule {text!r} has a negative step")
+    if len({v for _, v in points}) == 1:
+        return points[0][1]  # one value throughout: a plain strength (applied exactly as one)
     return Schedule(tuple(points), all(s <= 1 for s, _ in points), text.strip())
 
 
@@ -133,38 +155,56 @@ class StepEntry:
 
 
 class StepPlan:
-    """The plan of each step for entries with schedules: unit-strength operations, scaled by the step's values.
+    """The plan of each step for entries whose strengths may change: unit-strength operations, scaled by the step's
+    values. The text encoder's strength is its value at the first step throughout (it runs once, before sampling).
+    """
 
-    The text encoder's strength is its value at the first step throughout (it runs once, before sampling)."""
-
-    def __init__(self, entries: Sequence[StepEntry], layer_map):
-        from .naming import build_plan
-
-        self.entries = list(entries)
+    def __init__(self, entries: Sequence[StepEntry] = (), layer_map=None):
+        self.layer_map = layer_map
+        self.entries: list[StepEntry] = []
         self.by_weight: dict[str, list[tuple[int, Operation]]] = {}
         self.unmatched: dict[str, list[str]] = {}
-        for i, e in enumerate(self.entries):
-            unit, unmatched = build_plan([(e.adapter, 1.0, 1.0, e.blocks)], layer_map)
-            self.unmatched.update(unmatched)
-            for weight, ops in unit.items():
-                self.by_weight.setdefault(weight, []).extend((i, op) for op in ops)
-        self.scheduled = any(is_scheduled(e.unet) for e in self.entries)
-        self.te_values = [first(e.te) for e in self.entries]
+        self.te_values: list[float] = []
+        for e in entries:
+            self.add(e)
+
+    def add(self, entry: StepEntry) -> None:
+        """Add one entry (AdapterError for an adapter that does not fit the model; then nothing is added)."""
+        from .naming import build_plan
+
+        unit, unmatched = build_plan([(entry.adapter, 1.0, 1.0, entry.blocks)], self.layer_map)
+        i = len(self.entries)
+        self.entries.append(entry)
+        self.te_values.append(first(entry.te))
+        self.unmatched.update(unmatched)
+        for weight, ops in unit.items():
+            self.by_weight.setdefault(weight, []).extend((i, op) for op in ops)
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether any UNet strength can change between steps."""
+        return any(is_scheduled(e.unet) for e in self.entries)
+
+    @functools.cached_property
+    def scheduled_weights(self) -> frozenset[str]:
+        """The weights an operation with a changing strength lands on (read once all entries are added)."""
+        return frozenset(w for w, items in self.by_weight.items()
+                         if any(op.target.component == "unet" and is_scheduled(self.entries[i].unet) for i, op in items))
 
     def values(self, index: int, steps: int) -> list[tuple[float, float]]:
         """(unet, te) of each entry at one step."""
         return [(value_at(e.unet, index, steps), te) for e, te in zip(self.entries, self.te_values)]
 
-    def plan(self, values: list[tuple[float, float]]) -> Plan:
-        """The plan at given (unet, te) values per entry: zero strengths left out (those layers untouched)."""
+    def plan(self, values: list[tuple[float, float]], keep_zero=frozenset()) -> Plan:
+        """The plan at given (unet, te) values per entry. Zero strengths are left out (their layers untouched),
+        except for the entries in `keep_zero` (a forward path keeps their terms at strength 0)."""
         plan: Plan = {}
         for weight, items in self.by_weight.items():
             ops = []
             for i, op in items:
                 s = values[i][0] if op.target.component == "unet" else values[i][1]
-                if s:
-                    ops.append(dataclasses.replace(op, strength=op.strength * s) if op.strength != 1.0 or s != 1.0
-                               else op)
+                if s or i in keep_zero:
+                    ops.append(op if op.strength == 1.0 and s == 1.0 else dataclasses.replace(op, strength=op.strength * s))
             if ops:
                 plan[weight] = ops
         return plan

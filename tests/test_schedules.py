@@ -51,6 +51,7 @@ def test_one_step_pass_and_the_first_step_value():
 
 def test_plain_numbers_stay_numbers_and_sums_add_up():
     assert parse_strength("0.75") == 0.75
+    assert parse_strength("0.7@0,0.7@1") == 0.7 and parse_strength("0.5@3;0.5@9") == 0.5  # one value: a number
     total = parse_strength("0@0,1@1") + 0.5 + parse_strength("1@0,0@1")
     assert [value_at(total, i, 3) for i in range(3)] == [1.5, 1.5, 1.5]
 

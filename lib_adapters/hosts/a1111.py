@@ -101,8 +101,8 @@ class A1111Backend:
             raise AdapterError(None, "no model is loaded")
         return self.state_for(sd).layer_map
 
-    def apply(self, p, plan: Plan) -> dict:
-        """Bring the model to exactly `plan`; returns the patcher's counts."""
+    def apply(self, p, plan: Plan, scheduled=frozenset()) -> dict:
+        """Bring the model to exactly `plan` (scheduled weights too: `step` moves them); returns the counts."""
         sd = self.model_of(p)
         if sd is None:
             return {}
@@ -121,6 +121,10 @@ class A1111Backend:
             clear_cond_cache(p)
             state.te_signature = te
         return stats
+
+    def step(self, p, plan, values) -> dict:
+        """One sampling step's strengths: only the weights whose operations changed are recomputed."""
+        return self.apply(p, plan.plan(values))
 
     def release(self) -> None:
         """Restore the previous model's weights (it may live on in the checkpoint cache) and drop its state."""

@@ -26,11 +26,40 @@ from ..algorithms.base import DeltaPatch
 from ..errors import AdapterError
 from ..forward import ForwardEngine, storage_of
 from ..naming import DIT_FAMILIES, LayerMap
-from ..patching import Plan, compute, compute_bias, rows_view
+from ..patching import Patcher, Plan, compute, compute_bias, rows_view
 from .a1111 import clear_cond_cache, te_signature
 
 WEIGHT_TYPE = "lib_adapters"
 BIAS_TYPE = "lib_adapters_bias"
+
+
+class UnetStore:
+    """Forge's live UNet parameters by checkpoint name (`model.diffusion_model.…`), looked up at every access
+    (Forge's LoraLoader replaces the Parameter objects it patches); `set` copies in place."""
+
+    in_place = True
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def _param(self, name: str) -> torch.Tensor:
+        node = self.model
+        for part in name[len("model."):].split("."):
+            node = getattr(node, part)
+        return node
+
+    def get(self, name):
+        return self._param(name).data
+
+    def set(self, name, value):
+        with torch.no_grad():
+            self._param(name).data.copy_(value)
+
+    def has(self, name):
+        try:
+            return isinstance(self._param(name), torch.Tensor)
+        except AttributeError:
+            return False
 
 
 class Ops:
@@ -99,6 +128,7 @@ class EngineState:
     te_signature: dict = field(default_factory=dict)
     kinds: dict[str, str] = field(default_factory=dict)  # checkpoint name → storage kind ("float", "fp8", …)
     forward: dict[str, ForwardEngine] = field(default_factory=dict)  # component → engine on its original model
+    own: Patcher | None = None  # scheduled UNet weights: ours, in place, never in Forge's patches
 
 
 def parameters(model) -> dict[str, tuple[tuple, str]]:
@@ -236,11 +266,19 @@ class ForgeBackend:
                 merged[weight] = ops  # a quantized non-Linear/Conv weight (fp8 norm): Forge's own cast, as the builtin
         return merged, forward, skipped
 
-    def apply(self, p, plan: Plan) -> dict:
+    def model_of(self, p):
+        return self.engine_of(p)
+
+    def apply(self, p, plan: Plan, scheduled=frozenset()) -> dict:
+        """Unscheduled weights through Forge's patchers; `scheduled` weights stay out of them: `step` writes those
+        in place once sampling runs (after Forge's own merge), and they are restored here at the next call."""
         engine = self.engine_of(p)
         if engine is None:
             return {}
         state = self.state_for(engine)
+        if state.own is not None:
+            state.own.restore()  # before Forge merges (and backs up) anything of the next generation
+        plan = {w: ops for w, ops in plan.items() if w not in scheduled}
         register_calculators()
         plan, forward_plans, skipped = self.split(state, plan)
         base = engine.forge_objects_original
@@ -282,12 +320,28 @@ class ForgeBackend:
             stats["left_out"] = skipped
         return stats
 
+    def step(self, p, plan, values) -> dict:
+        """One sampling step's strengths on the scheduled weights: recomputed from their originals, in place."""
+        engine = self.engine_of(p)
+        state = self.state_for(engine)
+        if state.own is None:
+            state.own = Patcher(UnetStore(engine.forge_objects_original.unet.model))
+        own = {w: ops for w, ops in plan.plan(values).items() if w in plan.scheduled_weights}
+        return state.own.reconcile(own)
+
     def forget(self, sd_model) -> None:
         if self.state is not None and self.state.engine is sd_model:
             self.release()
 
     def release(self) -> None:
+        """Put back the scheduled weights we wrote and every forward path (the engine may live on in the checkpoint
+        cache)."""
         if self.state is not None:
             for fe in self.state.forward.values():
                 fe.restore()
+            if self.state.own is not None:
+                try:
+                    self.state.own.restore()
+                except Exception:  # its tensors may be gone with the model
+                    pass
         self.state = None

@@ -80,7 +80,7 @@ def write(p, req, order: str, hashes: Hashes) -> None:
         return
     if opt(OPT_HASHES):
         found = dict(getattr(p, "adapters_hashes", {}) or {}) if getattr(p, "is_hr_pass", False) else {}
-        for adapter, _, _ in req.entries:
+        for adapter in {w.adapter.path: w.adapter for w in req.entries}.values():
             name = infotext_name(req.names[adapter.path])
             try:
                 value = hashes.of(adapter.path, adapter.metadata)

@@ -11,22 +11,36 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .. import tags
 from ..adapter import Adapter
 from ..errors import AdapterError
-from ..naming import build_plan
-from ..patching import Plan
-from . import infotext
+from ..naming.blocks import parse_block_weights
+from ..schedules import StepEntry, StepPlan, Strength
+from ..tag_options import tag_options, te_notice
+from . import infotext, steps
 from .cache import AdapterCache
 from .index import Library
+from .presets import PresetCache
 from .settings import OPT_WARN_UNMATCHED, log, opt, tag_order
+
+
+@dataclass
+class Wanted:
+    """One adapter as the prompt asks for it in this pass: strengths (numbers or schedules), block weights as
+    written (`lbw=`, `x=`), the tag as first written."""
+
+    adapter: Adapter
+    unet: Strength
+    te: Strength
+    lbw: str | None = None
+    x: float = 1.0
+    tag: str = ""
 
 
 @dataclass
 class Request:
     """What one activate call asks for, after names and files are resolved."""
 
-    entries: list[tuple[Adapter, float, float]] = field(default_factory=list)
+    entries: list[Wanted] = field(default_factory=list)
     names: dict[str, str] = field(default_factory=dict)  # path → name as first written in the prompt
     messages: list[str] = field(default_factory=list)
     two_numbers: bool = False
@@ -48,6 +62,8 @@ class Runtime:
         self.last_stats: dict = {}
         self.last_plan_size = 0
         self.last_line = ""
+        self.presets = PresetCache()
+        self.stepping: steps.Stepping | None = None
 
     # backend ------------------------------------------------------------------------------------------------
     def get_backend(self):
@@ -56,56 +72,70 @@ class Runtime:
         return self.backend
 
     # requests -----------------------------------------------------------------------------------------------
-    def request(self, params_list, order: str) -> Request:
+    def request(self, params_list, order: str, hires: bool = False) -> Request:
+        """Tags → files → adapters. The same file twice with the same block weights is one adapter with its
+        strengths summed (schedules too), at its first position."""
         req = Request()
-        strengths: dict[str, list[float]] = {}
+        groups: dict[tuple, list] = {}
         for params in params_list:
             items = [str(x) for x in param_items(params)]
             if not items or not items[0].strip():
                 req.messages.append("a tag without an adapter name is ignored")
                 continue
             name = items[0].strip()
+            tag = f"<lora:{':'.join(items)}>"
             try:
-                unet, te, positional, notices = tags.strengths(items[1:], order, 1.0, f"<lora:{':'.join(items)}>")
-                req.messages.extend(notices)
+                options = tag_options(items[1:], order, 1.0, tag)
+                req.messages.extend(options.notices)
                 path = self.library.find(name)
             except AdapterError as e:
                 req.messages.append(f"{name}: {e.reason}; the image is made without it")
                 continue
-            req.two_numbers |= positional == 2
-            if path in strengths:  # the same file twice: one adapter, strengths summed
-                strengths[path][0] += unet
-                strengths[path][1] += te
+            notice = te_notice(tag, options, hires)
+            if notice:
+                req.messages.append(notice)
+            req.two_numbers |= options.positional == 2
+            unet, te = options.strengths(hires)
+            key = (path, options.lbw, options.x if options.lbw else None)
+            if key in groups:
+                groups[key][0] += unet
+                groups[key][1] += te
             else:
-                strengths[path] = [unet, te]
-                req.names[path] = name
-        for path, (unet, te) in strengths.items():
+                groups[key] = [unet, te, options.lbw, options.x, tag]
+                req.names.setdefault(path, name)
+        for (path, _, _), (unet, te, lbw, x, tag) in groups.items():
+            if path not in req.names:
+                continue
             try:
-                adapter = self.cache.get(path, keep=len(strengths))
+                adapter = self.cache.get(path, keep=len(groups))
             except AdapterError as e:
                 req.messages.append(f"{req.names[path]}: {e}; the image is made without it")
                 req.names.pop(path)
                 continue
-            req.entries.append((adapter, unet, te))
+            req.entries.append(Wanted(adapter, unet, te, lbw, x, tag))
         return req
 
-    def plan(self, req: Request, layer_map) -> Plan:
-        """One plan for every usable entry, in prompt order; an adapter that does not fit is left out."""
-        plan: Plan = {}
+    def plan(self, req: Request, layer_map) -> StepPlan:
+        """One step plan for every usable entry, in prompt order; an adapter that does not fit, or whose block
+        weights do not fit the model, is left out with a message."""
+        plan = StepPlan(layer_map=layer_map)
         warn = bool(opt(OPT_WARN_UNMATCHED))
-        for entry in list(req.entries):
-            adapter = entry[0]
+        for wanted in list(req.entries):
+            adapter = wanted.adapter
             name = req.names[adapter.path]
             try:
-                part, unmatched = build_plan([entry], layer_map)
+                blocks = None
+                if wanted.lbw is not None:
+                    blocks = parse_block_weights(wanted.lbw, layer_map.family, self.presets.get(), wanted.x,
+                                                 wanted.tag)
+                plan.add(StepEntry(adapter, wanted.unet, wanted.te, blocks))
             except AdapterError as e:
                 req.messages.append(f"{name}: {e.reason}; the image is made without it")
-                req.entries.remove(entry)
-                req.names.pop(adapter.path)
+                req.entries.remove(wanted)
+                if not any(w.adapter.path == adapter.path for w in req.entries):
+                    req.names.pop(adapter.path)
                 continue
-            for weight, ops in part.items():
-                plan.setdefault(weight, []).extend(ops)
-            missing = unmatched.get(adapter.path, []) + list(adapter.unmatched)
+            missing = plan.unmatched.get(adapter.path, []) + list(adapter.unmatched)
             if warn and missing:
                 shown = ", ".join(missing[:3]) + (" …" if len(missing) > 3 else "")
                 req.messages.append(f"{name}: {len(missing)} keys match no layer of this model ({shown})")
@@ -114,12 +144,16 @@ class Runtime:
     def activate(self, p, params_list) -> None:
         backend = self.get_backend()
         order = tag_order()
-        req = self.request(params_list, order)
+        req = self.request(params_list, order, bool(getattr(p, "is_hr_pass", False)))
+        self.stepping = None
         try:
-            plan = self.plan(req, backend.layer_map(p)) if req.entries else {}
-            self.last_stats = backend.apply(p, plan)
-            self.last_plan_size = len(plan)
+            plan = self.plan(req, backend.layer_map(p)) if req.entries else StepPlan()
+            first = plan.plan_at(0, 1)
+            self.last_stats = backend.apply(p, first, plan.scheduled_weights if plan.scheduled else frozenset())
+            self.last_plan_size = len(first)
             req.messages.extend(left_out_messages(req, self.last_stats.pop("left_out", [])))
+            if plan.scheduled:
+                self.stepping = steps.Stepping(plan, backend, backend.model_of(p))
         except AdapterError as e:
             req.messages.append(f"{e}; no adapter is applied")
             req.entries.clear()
@@ -127,10 +161,16 @@ class Runtime:
         self.report(p, req.messages)
         self.log_applied(req)
 
+    def on_cfg_denoiser(self, params) -> None:
+        """The host's per-call sampler callback: scheduled strengths move to their value at this step."""
+        if self.stepping is not None and not self.stepping.step(params):
+            self.stepping = None
+
     def log_applied(self, req: Request) -> None:
         """One console line whenever the applied set changes (not at every batch)."""
         if req.entries:
-            names = ", ".join(f"{req.names[a.path]} (unet {u:g}, te {t:g})" for a, u, t in req.entries)
+            names = ", ".join(f"{req.names[w.adapter.path]} (unet {_shown(w.unet)}, te {_shown(w.te)}"
+                              f"{', lbw=' + w.lbw if w.lbw else ''})" for w in req.entries)
             line = f"applied {names}: {self.last_plan_size} weights"
         else:
             line = "no adapters applied"
@@ -176,6 +216,10 @@ def left_out_messages(req: Request, left_out: list[tuple[str, str]]) -> list[str
         counts[(path, reason)] = counts.get((path, reason), 0) + 1
     return [f"{req.names.get(path, path)}: {n} layer{'s' if n > 1 else ''} left out: {reason}; the rest is applied"
             for (path, reason), n in counts.items()]
+
+
+def _shown(strength) -> str:
+    return f"{strength:g}" if isinstance(strength, (int, float)) else getattr(strength, "text", "") or "scheduled"
 
 
 def make_backend():

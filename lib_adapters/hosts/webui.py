@@ -40,3 +40,4 @@ def register(script_callbacks) -> None:
     script_callbacks.on_infotext_pasted(on_infotext_pasted, name="adapters_infotext_pasted")
     script_callbacks.on_app_started(on_app_started, name="adapters_app_started")
     script_callbacks.on_script_unloaded(on_script_unloaded, name="adapters_script_unloaded")
+    script_callbacks.on_cfg_denoiser(RUNTIME.on_cfg_denoiser, name="adapters_cfg_denoiser")

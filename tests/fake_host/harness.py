@@ -45,13 +45,19 @@ class Host:
     def snapshot(self, model=None) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.params(model).items()}
 
-    def generate(self, prompt, **kw):
-        """Run one generation; returns (Processed, {phase: snapshot as the sampler sees it}, p)."""
+    def generate(self, prompt, per_step=False, **kw):
+        """Run one generation; returns (Processed, {phase: [snapshot as the sampler's first call sees it, one per
+        batch]}, p); with `per_step`, also {phase + " steps": [(step, snapshot) for every model call]}."""
         from modules import processing
 
         seen = {}
         p = processing.StableDiffusionProcessingTxt2Img(prompt=prompt, **kw)
-        res = processing.process_images(p, observe=lambda phase, p: seen.setdefault(phase, []).append(self.snapshot()))
+
+        def step(phase, i, p):
+            seen.setdefault(phase + " steps", []).append((i, self.snapshot()))
+
+        res = processing.process_images(p, observe=lambda phase, p: seen.setdefault(phase, []).append(self.snapshot()),
+                                        observe_step=step if per_step else None)
         return res, seen, p
 
 

@@ -1,12 +1,16 @@
 """Fake `modules.processing`: a `p` with the attributes extensions touch, and a driver running one generation in
 the host's order (host-contract §2.3, §6.6, §10.4): per batch parse → activate → setup_conds (cached) → sample,
 then the hires pass, then deactivate only under the host's condition. `observe(phase, p)` sees the model as the
-sampler would (after Forge's refresh_loras)."""
+sampler would (after Forge's refresh_loras). Sampling runs `p.steps` steps (the hires pass `hr_second_pass_steps` or
+`p.steps`) through a CFGDenoiser-like object that calls the host's `cfg_denoiser` callbacks on every model call
+(two per step for second-order samplers, one on the last), with the host's lagging `state.sampling_step`."""
 
 from dataclasses import dataclass, field
 
 
-from modules import extra_networks, infotext_utils, shared
+from modules import extra_networks, infotext_utils, script_callbacks, shared
+
+SECOND_ORDER = ("Heun", "DPM2", "DPM2 a", "DPM++ 2S a", "DPM++ SDE")
 
 
 def fingerprint(tensors) -> float:
@@ -19,12 +23,16 @@ class StableDiffusionProcessing:
     cached_uc = [None, None]
 
     def __init__(self, prompt="", negative_prompt="", batch_size=1, n_iter=1, seed=1, sd_model=None, scripts=None,
-                 disable_extra_networks=False, enable_hr=False, hr_prompt=None):
+                 disable_extra_networks=False, enable_hr=False, hr_prompt=None, steps=2, sampler_name="Euler",
+                 hr_second_pass_steps=0):
         self.prompt = prompt
         self.negative_prompt = negative_prompt
         self.batch_size = batch_size
         self.n_iter = n_iter
         self.seed = seed
+        self.steps = steps
+        self.sampler_name = sampler_name
+        self.hr_second_pass_steps = hr_second_pass_steps
         self.sd_model = sd_model if sd_model is not None else shared.sd_model
         self.scripts = scripts
         self.script_args = []
@@ -83,23 +91,47 @@ def _conds(p, prompts, cache, data):
     return value
 
 
-def _sample(p, observe, phase):
+class CFGDenoiser:
+    """What the host's sampler hands each cfg_denoiser callback: `p`, the model-call counter `step`, the steps of
+    this pass and the expected number of calls (`total_steps`: twice the steps for second-order samplers)."""
+
+    def __init__(self, p, steps: int, second_order: bool):
+        self.p = p
+        self.step = 0
+        self.steps = steps
+        self.total_steps = steps * 2 if second_order else steps
+
+
+def _sample(p, observe, phase, observe_step=None):
     sd = p.sd_model
     if hasattr(sd, "forge_objects"):
         from backend import memory_management
         sd.forge_objects = sd.forge_objects_after_applying_lora.shallow_copy()
         memory_management.load_models_gpu([sd.forge_objects.unet])
-    if observe:
-        observe(phase, p)
+    steps = (p.hr_second_pass_steps or p.steps) if phase == "hires" else p.steps
+    second_order = p.sampler_name in SECOND_ORDER
+    denoiser = CFGDenoiser(p, steps, second_order)
+    shared.state.sampling_steps, shared.state.sampling_step = steps, 0
+    for i in range(steps):
+        for _ in range(2 if second_order and i < steps - 1 else 1):
+            params = script_callbacks.CFGDenoiserParams(None, None, None, shared.state.sampling_step,
+                                                        shared.state.sampling_steps, None, None, denoiser)
+            script_callbacks.cfg_denoiser_callback(params)
+            if observe and denoiser.step == 0:
+                observe(phase, p)
+            if observe_step:
+                observe_step(phase, i, p)
+            denoiser.step += 1
+        shared.state.sampling_step = i  # the sampler's step callback runs after the step's model calls
 
 
 def create_infotext(p):
-    params = {"Steps": 2, "Seed": p.seed}
+    params = {"Steps": p.steps, "Seed": p.seed}
     params.update(p.extra_generation_params)
     return f"{p.prompt}\nNegative prompt: {p.negative_prompt}\n" + infotext_utils.create_infotext_line(params)
 
 
-def process_images(p, observe=None) -> Processed:
+def process_images(p, observe=None, observe_step=None) -> Processed:
     n = p.batch_size * p.n_iter
     p.all_prompts = _as_list(p.prompt, n)
     p.all_negative_prompts = _as_list(p.negative_prompt, n)
@@ -123,7 +155,7 @@ def process_images(p, observe=None) -> Processed:
             sd.forge_objects = sd.forge_objects_after_applying_lora.shallow_copy()
         p.c = _conds(p, p.prompts, p.cached_c, p.extra_network_data)
         res.conds.append(("first_pass", p.c))
-        _sample(p, observe, "first_pass")
+        _sample(p, observe, "first_pass", observe_step)
         if p.enable_hr:
             p.is_hr_pass = True
             if not p.disable_extra_networks:
@@ -132,7 +164,7 @@ def process_images(p, observe=None) -> Processed:
                 sd.forge_objects = sd.forge_objects_after_applying_lora.shallow_copy()
             p.hr_c = _conds(p, p.hr_prompts, p.cached_hr_c, p.hr_extra_network_data)
             res.conds.append(("hires", p.hr_c))
-            _sample(p, observe, "hires")
+            _sample(p, observe, "hires", observe_step)
             p.is_hr_pass = False
         res.infotexts.extend(create_infotext(p) for _ in range(p.batch_size))
     if not p.disable_extra_networks and p.extra_network_data:

@@ -56,6 +56,29 @@ def on_ui_tabs(callback, *, name=None):
     _add("ui_tabs", callback, name)
 
 
+def on_cfg_denoiser(callback, *, name=None):
+    _add("cfg_denoiser", callback, name)
+
+
+class CFGDenoiserParams:
+    """The host's per-call sampler state (same signature as A1111 1.10 / Forge)."""
+
+    def __init__(self, x, image_cond, sigma, sampling_step, total_sampling_steps, text_cond, text_uncond,
+                 denoiser=None):
+        self.x = x
+        self.image_cond = image_cond
+        self.sigma = sigma
+        self.sampling_step = sampling_step
+        self.total_sampling_steps = total_sampling_steps
+        self.text_cond = text_cond
+        self.text_uncond = text_uncond
+        self.denoiser = denoiser
+
+
+def cfg_denoiser_callback(params):
+    _run("cfg_denoiser", params)
+
+
 def before_ui_callback():
     # The host runs before_ui callbacks (and script_unloaded) in REVERSE registration order (1.10, Forge):
     # a builtin extension's before_ui therefore runs after a user extension's.

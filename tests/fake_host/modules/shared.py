@@ -43,6 +43,8 @@ class _State:
     interrupted = False
     skipped = False
     job = ""
+    sampling_step = 0
+    sampling_steps = 0
 
 
 state = _State()

@@ -1,0 +1,114 @@
+"""A tag's arguments after the name, beyond two numbers: strengths that change over the steps (sd-webui-loractl:
+`w@step,…` as a positional strength or in `unet=`/`te=`; `hr=`, `hrunet=`, `hrte=` for the hires pass) and block
+weights (sd-webui-lora-block-weight: `lbw=` list or preset, `x=` for its X letters, `start=`/`stop=`/`step=a-b`).
+
+One positional strength sets both parts; two are UNet then text encoder (order "unet,te") or the reverse
+("te,unet"); a named strength overrides only its part; hires strengths default to the first pass's. `dyn=` is
+ignored with a notice; `lbwe=` (per-element weights) is refused with a message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import AdapterError
+from .schedules import Strength, Window, first, is_scheduled, number, parse_strength
+
+ORDERS = ("unet,te", "te,unet")
+NAMED = ("unet", "te", "hr", "hrunet", "hrte", "lbw", "x", "start", "stop", "step", "dyn", "lbwe")
+
+
+@dataclass
+class TagOptions:
+    """What one tag asks for: strengths per part and pass (numbers or schedules), block weights as written."""
+
+    unet: Strength
+    te: Strength
+    hr_unet: Strength
+    hr_te: Strength
+    lbw: str | None = None
+    x: float = 1.0
+    positional: int = 0
+    notices: list[str] = field(default_factory=list)
+
+    def strengths(self, hires: bool = False) -> tuple[Strength, Strength]:
+        """(unet, te) of the first pass or of the hires pass."""
+        return (self.hr_unet, self.hr_te) if hires else (self.unet, self.te)
+
+    @property
+    def scheduled(self) -> bool:
+        return any(is_scheduled(s) for s in (self.unet, self.te, self.hr_unet, self.hr_te))
+
+
+def _step(value: str, tag: str, key: str) -> int:
+    n = number(value, tag, f"{key}= step")
+    if n < 0 or n != int(n):
+        raise AdapterError(None, f"malformed tag {tag}: {key}={value} is not a step number (0, 1, 2, …)")
+    return int(n)
+
+
+def tag_options(items: list[str], order: str = "unet,te", default: float = 1.0, tag: str = "") -> TagOptions:
+    """Parse the arguments after the adapter name; AdapterError naming the tag on anything malformed."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, not {order!r}")
+    tag = tag or "<lora:…:" + ":".join(items) + ">"
+    positional: list[Strength] = []
+    named: dict[str, str] = {}
+    notices: list[str] = []
+    for item in items:
+        item = item.strip()
+        if "=" in item:
+            key, value = (s.strip() for s in item.split("=", 1))
+            if key not in NAMED:
+                raise AdapterError(None, f"malformed tag {tag}: unknown argument {key!r} (use unet=, te=, hr=, "
+                                         f"hrunet=, hrte=, lbw=, x=, start=, stop= or step=)")
+            named[key] = value
+        elif item:
+            positional.append(parse_strength(item, tag))
+    if len(positional) > 2:
+        raise AdapterError(None, f"malformed tag {tag}: at most two strengths (unet, te), got {len(positional)}")
+    if "lbwe" in named:
+        raise AdapterError(None, f"{tag}: lbwe= (per-element block weights) is not supported; use lbw=")
+    if "dyn" in named:
+        notices.append(f"{tag}: dyn={named['dyn']} (rank truncation) is ignored; the full adapter is applied")
+    if not positional:
+        unet = te = default
+    elif len(positional) == 1:
+        unet = te = positional[0]
+    elif order == "unet,te":
+        unet, te = positional
+    else:
+        te, unet = positional
+    unet = parse_strength(named["unet"], tag) if "unet" in named else unet
+    te = parse_strength(named["te"], tag) if "te" in named else te
+    hires = parse_strength(named["hr"], tag) if "hr" in named else None
+    hr_unet = parse_strength(named["hrunet"], tag) if "hrunet" in named else hires if hires is not None else unet
+    hr_te = parse_strength(named["hrte"], tag) if "hrte" in named else hires if hires is not None else te
+    start, stop = _window(named, tag)
+    if start or stop is not None:
+        unet, hr_unet = Window(unet, start, stop), Window(hr_unet, start, stop)
+    x = number(named["x"], tag, "x=") if "x" in named else 1.0
+    lbw = named.get("lbw")
+    return TagOptions(unet, te, hr_unet, hr_te, lbw, x, len(positional), notices)
+
+
+def _window(named: dict[str, str], tag: str) -> tuple[int, int | None]:
+    start = _step(named["start"], tag, "start") if "start" in named else 0
+    stop = _step(named["stop"], tag, "stop") if "stop" in named else None
+    if "step" in named:
+        low, sep, high = named["step"].partition("-")
+        if not sep:
+            raise AdapterError(None, f"malformed tag {tag}: step={named['step']} is not a range a-b")
+        start, stop = _step(low, tag, "step"), _step(high, tag, "step")
+    if stop is not None and stop <= start:
+        raise AdapterError(None, f"malformed tag {tag}: the adapter would act on no step (start {start}, stop {stop})")
+    return start, stop
+
+
+def te_notice(tag: str, options: TagOptions, hires: bool = False) -> str | None:
+    """The one message a text-encoder schedule gets: the encoder runs once, before sampling."""
+    te = options.strengths(hires)[1]
+    if not is_scheduled(te):
+        return None
+    return f"{tag}: the text encoder runs once, before sampling: its scheduled strength is taken at the first step " \
+           f"({first(te):g})"
