@@ -4,7 +4,8 @@ LoRA/LoCon/DoRA go both ways: kohya `lora_down/lora_up` + `alpha` ↔ diffusers/
 carried in `lora_adapter_metadata` (alpha_pattern/rank_pattern, exact) or folded into B (`--fold-scale`). LoHa/LoKr
 go to PEFT's own layouts (`--to peft`); what PEFT or diffusers cannot represent is refused (AdapterError). Metadata
 (ss_*, modelspec.*) is kept; kohya → diffusers → kohya gives back the same tensors and metadata.
-Names are found through the naming tables (LayerMap) of a reference model built from the shipped configs.
+Names are found through the naming tables (LayerMap) of a reference model built from the shipped configs; SD3
+files (fused q/k/v, swapped modulations) go through `convert_dit`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from . import convert_dit
 from .adapter import BUNDLED_EMBEDDING_PREFIX, Adapter
 from .algorithms import kind_name
 from .algorithms.base import rank_scale
@@ -25,6 +27,7 @@ from .files import DTYPE_NAMES, DTYPES, load_tensors, read_header, save_tensors
 from .keys import group_keys
 
 TARGETS = ("diffusers", "peft", "kohya")
+FAMILIES = ("sd1", "sd2", "sdxl") + convert_dit.DIT_FAMILIES
 FIRST_FACTORS = ("lora_up.weight", "hada_w1_a", "lokr_w1", "lokr_w1_a")  # scaling one factor scales ΔW
 HINT_KEY = "lib_adapters.kohya_source"  # what a kohya → diffusers/peft conversion needs to come back exactly
 PEFT_LAYOUTS = {"lora", "locon", "loha", "lokr"}
@@ -115,8 +118,9 @@ def _dora_to_kohya(t: torch.Tensor, conv: bool) -> torch.Tensor:
 
 def _family(adapter: Adapter, family: str | None) -> str:
     family = family or adapter.family
-    if family not in ("sd1", "sd2", "sdxl"):
-        raise AdapterError(adapter.path, f"cannot tell the model family (detected {family!r}): pass --family sd1|sd2|sdxl")
+    if family not in FAMILIES:
+        raise AdapterError(adapter.path, f"cannot tell the model family (detected {family!r}): pass --family "
+                                         f"{'|'.join(FAMILIES)}")
     return family
 
 
@@ -136,6 +140,8 @@ def to_peft(path: str, tensors: dict, metadata: dict, family: str | None, target
     """(tensors, metadata) in diffusers (`target="diffusers"`) or PEFT naming, `unet.`/`text_encoder[_2].` prefixed."""
     adapter = Adapter.from_tensors(tensors, metadata, path)
     family = _family(adapter, family)
+    if family in convert_dit.DIT_FAMILIES:
+        return convert_dit.to_diffusers(path, tensors, metadata, family, target, fold_scale)
     layer_map, _ = reference_model(family)
     groups, unmatched = group_keys(tensors)
     kept = {k: tensors[k] for k in unmatched if k.startswith(BUNDLED_EMBEDDING_PREFIX)}
@@ -210,6 +216,8 @@ def to_kohya(path: str, tensors: dict, metadata: dict, family: str | None) -> tu
     """(tensors, metadata) with kohya/LyCORIS module keys and an `alpha` tensor per layer."""
     adapter = Adapter.from_tensors(tensors, metadata, path)
     family = _family(adapter, family)
+    if family in convert_dit.DIT_FAMILIES:
+        return convert_dit.to_kohya(path, tensors, metadata, family)
     layer_map, _ = reference_model(family)
     kohya_of = kohya_names(family)
     try:
@@ -290,7 +298,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("input")
     p.add_argument("output", help="the .safetensors file to write")
     p.add_argument("--to", required=True, choices=TARGETS)
-    p.add_argument("--family", choices=("sd1", "sd2", "sdxl"), default=None, help="override the detected family")
+    p.add_argument("--family", choices=FAMILIES, default=None, help="override the detected family")
     p.add_argument("--fold-scale", action="store_true",
                    help="diffusers/peft: fold alpha/rank into lora_B instead of carrying it in lora_adapter_metadata")
     p.set_defaults(run=run_convert)

@@ -7,6 +7,8 @@ The twin is built by the naming tables of `naming.sd3` (q/k/v fused by row block
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 from torch import Tensor
 
@@ -22,6 +24,9 @@ TINY_MMDIT = {
     "sd3.5-large": dict(_TINY_MMDIT, qk_norm="rms_norm"),
     "sd3.5-medium": dict(_TINY_MMDIT, qk_norm="rms_norm", dual_attention_layers=(0,)),
 }
+# Heads of 64 (width = 64 × depth, SAI's rule), for what reads the depth from the width (`convert`).
+TINY_MMDIT["sd3.5-medium-h64"] = dict(TINY_MMDIT["sd3.5-medium"], num_layers=2, attention_head_dim=64,
+                                      num_attention_heads=2, caption_projection_dim=128)
 _TINY_CLIP = dict(intermediate_size=32, num_attention_heads=2, num_hidden_layers=2, vocab_size=1000,
                   max_position_embeddings=77, bos_token_id=998, eos_token_id=999, pad_token_id=999)
 TINY_CLIP_L = dict(_TINY_CLIP, hidden_size=16, projection_dim=16, hidden_act="quick_gelu")
@@ -95,3 +100,38 @@ def sd3_to_checkpoint(components: dict) -> dict[str, Tensor]:
                      for k, v in state.items()}
         out.update({root + k: v for k, v in state.items()})
     return out
+
+
+FULL_CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                   projection_dim=768, hidden_act="quick_gelu")
+FULL_CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                   projection_dim=1280, hidden_act="gelu")
+FULL_T5 = dict(d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64, feed_forward_proj="gated-gelu",
+               vocab_size=32128)
+
+
+@lru_cache(maxsize=2)
+def reference_shapes(width: int, attn2: bool = True) -> dict[str, dict[str, tuple]]:
+    """Names and shapes ({"diffusers": {component.name: shape}, "checkpoint": {name: shape}}) of a full SD3
+    pipeline whose MMDiT is `width` wide (depth = width / 64 heads of 64, SAI's rule for every SD3 model), built on
+    the meta device; `attn2` gives every block SD3.5 Medium's second attention (names only: a superset)."""
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    depth = width // 64
+    if depth < 1 or width % 64:
+        raise ValueError(f"an SD3 MMDiT is 64 × depth wide, not {width}")
+    with torch.device("meta"):
+        comps = {
+            "transformer": SD3Transformer2DModel(
+                sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=depth,
+                attention_head_dim=64, num_attention_heads=depth, caption_projection_dim=width,
+                joint_attention_dim=4096, pooled_projection_dim=2048, pos_embed_max_size=8, qk_norm="rms_norm",
+                dual_attention_layers=tuple(range(depth)) if attn2 else ()),
+            "text_encoder": CLIPTextModelWithProjection(CLIPTextConfig(**FULL_CLIP_L)),
+            "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**FULL_CLIP_G)),
+            "text_encoder_3": T5EncoderModel(T5Config(**FULL_T5)),
+        }
+        checkpoint = {k: tuple(v.shape) for k, v in sd3_to_checkpoint(comps).items()}
+    diffusers = {name: {k: tuple(v.shape) for k, v in m.state_dict().items()} for name, m in comps.items()}
+    return {"diffusers": diffusers, "checkpoint": checkpoint}
