@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .algorithms.base import DeltaPatch
 from .algorithms.dora import column_norm
-from .algorithms.forms import (ADDITIVE, BlockRotation, Butterfly, DoRAForm, Geometry, GLoRAForm, Scale)
+from .algorithms.forms import ADDITIVE, BlockRotation, Butterfly, DoRAForm, Geometry, GLoRAForm, Replacement, Scale
 from .errors import AdapterError
 from .patching import Operation, Plan, compute
 
@@ -119,7 +119,8 @@ class Term:
 
     @property
     def left(self) -> bool:
-        return isinstance(self.form, (BlockRotation, Butterfly)) or (isinstance(self.form, Scale) and not self.form.on_input) \
+        return isinstance(self.form, (BlockRotation, Butterfly, Replacement)) \
+            or (isinstance(self.form, Scale) and not self.form.on_input) \
             or (isinstance(self.form, DoRAForm) and self.form.on_output)
 
     @property
@@ -270,6 +271,8 @@ def _apply_term(t: Term, acc: Tensor, x: Tensor, g: Geometry) -> None:
         _add_rows(acc, t.rows, s * _additive(form, xb, g, acc.dtype))
     elif isinstance(form, GLoRAForm):
         _add_rows(acc, t.rows, s * _additive(form.add_part, xb, g, acc.dtype))
+    elif isinstance(form, Replacement):
+        _set_rows(acc, t.rows, (1 - s) * _rows(acc, t.rows) + s * _additive(form.value, xb, g, acc.dtype))
     elif isinstance(form, DoRAForm):
         c = form.factor()
         if form.on_output:

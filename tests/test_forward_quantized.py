@@ -230,3 +230,30 @@ def test_unknown_quantization_is_skipped_with_the_layer_type_named():
     engine.reconcile({"l.weight": ops(["lora"], adapters(O, I))})
     assert engine.adapted() == [] and len(engine.skipped) == 1
     assert "Int8Linear" in engine.skipped[0].reason and "int8" in engine.skipped[0].reason
+
+
+def test_every_algorithm_composes_in_prompt_order_as_the_merge_does():
+    """BOFT, GLoRA, full diffs with bias, set_weight, input-column IA3 and DoRA too, each alone and between others."""
+    layer, reference = STORAGES["fp8_e4m3fn"](torch.float32)
+    root = model_with(layer)
+    bias = dequantized(layer, "bias", torch.float64)
+    tensors = adapters(O, I)
+    tensors.update({
+        "boft": {"oft_blocks": rnd(2, 6, 8, 8, std=0.1), "alpha": torch.tensor(0.0)},
+        "glora": {"a1.weight": rnd(I, R, std=0.1), "a2.weight": rnd(R, I, std=0.1), "b1.weight": rnd(O, R, std=0.1),
+                  "b2.weight": rnd(R, I, std=0.1), "alpha": torch.tensor(2.0)},
+        "full": {"diff": rnd(O, I, std=0.01), "diff_b": rnd(O, std=0.1)},
+        "set": {"set_weight": rnd(O, I, std=0.05)},
+        "ia3_in": {"weight": rnd(I, std=0.5), "on_input": torch.tensor(1)},
+        "dora_in": {"lora_up.weight": rnd(O, R) * 0.1, "lora_down.weight": rnd(R, I) * 0.1,
+                    "dora_scale": torch.rand(1, I, generator=G) + 0.5},
+    })
+    engine = ForwardEngine(root, lambda n: "block." + n)
+    x = rnd(3, I)
+    for name in ("boft", "glora", "full", "set", "ia3_in", "dora_in"):
+        for names in ([name], ["lora", name, "oft"], [name, "dora", "ia3_in"]):
+            plan_ops = ops(names, tensors)
+            engine.reconcile({"l.weight": plan_ops})
+            assert not engine.skipped, names
+            check(root, layer, reference, plan_ops, x, torch.float32, bias)
+    engine.restore()

@@ -199,6 +199,13 @@ class GLoRAForm(Form):
 
 
 @dataclass
+class Replacement(Form):
+    """`set_weight`: W_s = (1 − s)·W + s·V, i.e. the rows scaled by 1 − s plus s·V·x."""
+
+    value: Dense
+
+
+@dataclass
 class DoRAForm(Form):
     """DoRA: W_s = W + s·(m ⊙ (W + Δ)/‖W + Δ‖ − W); `norm` (‖W_{k−1} + Δ‖ per row or column) is computed per switch
     from the dequantized weight by the engine, `inner` is Δ's additive form at strength 1."""

@@ -5,12 +5,14 @@ ComfyUI and Forge copy V whatever the strength; a blend keeps strength 0 exactly
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from torch import Tensor
 
 from ..errors import ShapeMismatch
 from .base import LayerPatch, Params, compute_dtype, fetch
+from .forms import Dense, Replacement
 
 
 @dataclass
@@ -36,3 +38,9 @@ class ReplacePatch(LayerPatch):
             raise ShapeMismatch(f"set_weight is {list(self.value.shape)}, the weight is {list(w.shape)}")
         value = fetch(self.value, w).reshape(w.shape)
         return (value if strength == 1 else w + strength * (value - w)), bias
+
+    def forward_form(self, shape):
+        """(1 − s)·y + s·V·x on the layer's rows."""
+        if self.value.numel() != math.prod(shape):
+            return None
+        return Replacement(Dense(self.value.float().reshape(shape)))
