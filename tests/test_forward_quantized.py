@@ -239,7 +239,7 @@ def test_every_algorithm_composes_in_prompt_order_as_the_merge_does():
     bias = dequantized(layer, "bias", torch.float64)
     tensors = adapters(O, I)
     tensors.update({
-        "boft": {"oft_blocks": rnd(2, 6, 8, 8, std=0.1), "alpha": torch.tensor(0.0)},
+        "boft": {"oft_blocks": rnd(2, 4, 12, 12, std=0.1), "alpha": torch.tensor(0.0)},
         "glora": {"a1.weight": rnd(I, R, std=0.1), "a2.weight": rnd(R, I, std=0.1), "b1.weight": rnd(O, R, std=0.1),
                   "b2.weight": rnd(R, I, std=0.1), "alpha": torch.tensor(2.0)},
         "full": {"diff": rnd(O, I, std=0.01), "diff_b": rnd(O, std=0.1)},
