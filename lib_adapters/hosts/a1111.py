@@ -3,6 +3,9 @@
 The model's parameters are addressed by their checkpoint names (the hijack's `.wrapped` level removed), so
 `LayerMap.for_checkpoint` maps adapter keys onto them; one Patcher per model keeps the originals and recomputes
 only weights whose operations changed. Text-encoder changes clear the host's conditioning cache.
+With the "FP8 weight" setting (Linear/Conv2d weights stored float8_e4m3fn), those layers take adapters in their
+forward instead (`forward.ForwardEngine`): exact in the compute dtype, the fp8 bytes never written (the builtin
+merges the delta into fp8). Weights a parent reads directly (MultiheadAttention's `out_proj`) stay merged.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import AdapterError
+from ..forward import FLOAT8, ForwardEngine
 from ..naming import LayerMap
 from ..patching import ModuleStore, Patcher, Plan
 
@@ -33,6 +37,7 @@ class HostModelStore(ModuleStore):
         params = sd_model.state_dict(keep_vars=True)
         sdxl = any(k.startswith("conditioner.") for k in params)
         self.tensors: dict[str, torch.Tensor] = {}
+        self.paths: dict[str, str] = {}  # checkpoint name → live parameter path
         seen: set[int] = set()
         for name, t in params.items():
             if not name.startswith(MODEL_PREFIXES) or (sdxl and name.startswith("cond_stage_model.")):
@@ -41,6 +46,7 @@ class HostModelStore(ModuleStore):
                 continue
             seen.add(id(t))
             self.tensors.setdefault(checkpoint_name(name), t)
+            self.paths.setdefault(checkpoint_name(name), name)
 
 
 @dataclass
@@ -51,6 +57,7 @@ class ModelState:
     store: HostModelStore
     layer_map: LayerMap
     patcher: Patcher
+    forward: ForwardEngine
     te_signature: dict = field(default_factory=dict)
 
 
@@ -92,7 +99,7 @@ class A1111Backend:
             return None
         store = HostModelStore(sd)
         layer_map = LayerMap.for_checkpoint({n: tuple(t.shape) for n, t in store.tensors.items()})
-        self.state = ModelState(weakref.ref(sd), store, layer_map, Patcher(store))
+        self.state = ModelState(weakref.ref(sd), store, layer_map, Patcher(store), ForwardEngine(sd, store.paths.get))
         return self.state
 
     def layer_map(self, p) -> LayerMap:
@@ -109,13 +116,21 @@ class A1111Backend:
         state = self.state_for(sd, create=bool(plan))
         if state is None:
             return {}
+        forward = {w: ops for w, ops in plan.items()
+                   if state.store.tensors[w].dtype in FLOAT8 and state.forward.takes(w)}
         try:
-            stats = state.patcher.reconcile(plan)
+            stats = state.patcher.reconcile({w: ops for w, ops in plan.items() if w not in forward})
+            stats["forward"] = len(forward)
+            state.forward.reconcile(forward)
         except Exception:
             state.patcher.restore()  # never leave a half-applied set behind
+            state.forward.restore()
             state.te_signature = {}
             clear_cond_cache(p)
             raise
+        left_out = [(s.op.source.partition("|")[0], s.reason) for s in state.forward.skipped]
+        if left_out:
+            stats["left_out"] = left_out
         te = te_signature(plan)
         if te != state.te_signature:
             clear_cond_cache(p)
@@ -130,6 +145,7 @@ class A1111Backend:
         """Restore the previous model's weights (it may live on in the checkpoint cache) and drop its state."""
         if self.state is None:
             return
+        self.state.forward.restore()
         try:
             self.state.patcher.restore()
         except Exception:  # its tensors may be gone (moved to meta by the host): nothing to restore
@@ -141,6 +157,7 @@ class A1111Backend:
         if self.state is None:
             return
         if self.state.model() is sd_model:
+            self.state.forward.restore()  # the same modules: take our forwards off them
             self.state = None  # same object, new weights loaded in place: nothing to restore
         else:
             self.release()
