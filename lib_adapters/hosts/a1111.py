@@ -120,8 +120,9 @@ class A1111Backend:
                    if state.store.tensors[w].dtype in FLOAT8 and state.forward.takes(w)}
         try:
             stats = state.patcher.reconcile({w: ops for w, ops in plan.items() if w not in forward})
-            stats["forward"] = len(forward)
             state.forward.reconcile(forward)
+            if forward or state.forward.layers:
+                stats["forward"] = len(state.forward.layers)
         except Exception:
             state.patcher.restore()  # never leave a half-applied set behind
             state.forward.restore()
