@@ -301,6 +301,7 @@ class Layer:
     holder_name: str
     structure: tuple
     weight_name: str
+    skipped: list = None  # operations of this layer left out at attach (reported again at each reconcile)
 
 
 @dataclass
@@ -338,9 +339,12 @@ class ForwardEngine:
             structure = tuple((op.source, op.target) for op in ops)
             layer = self.layers.get(name)
             if layer is not None and layer.structure == structure:
-                changed = [t.strength != op.strength for t, op in zip(layer.state.terms, ops)]
+                wanted = {(op.source, op.target): op.strength for op in ops}
+                values = [wanted[(t.op.source, t.op.target)] for t in layer.state.terms]
+                changed = [t.strength != v for t, v in zip(layer.state.terms, values)]
+                self.skipped += layer.skipped or []
                 if any(changed):
-                    self._set(layer, [op.strength for op in ops], changed)
+                    self._set(layer, values, changed)
                     stats["strengths"] += 1
                 else:
                     stats["kept"] += 1
@@ -416,6 +420,7 @@ class ForwardEngine:
             self.skipped += [Skipped(op, f"layer type {kind} cannot take adapters here") for op in ops]
             return False
         terms: list[Term] = []
+        skipped_before = len(self.skipped)
         for op in ops:
             block = _block_shape(storage.shape, op)
             try:
@@ -446,7 +451,8 @@ class ForwardEngine:
         state.previous_forward = module.__dict__.get("forward")
         module.__dict__["_lib_adapters_state"] = state
         module.forward = types.MethodType(_adapted_forward, module)
-        self.layers[name] = Layer(module, state, holder, holder_name, tuple((op.source, op.target) for op in ops), name)
+        self.layers[name] = Layer(module, state, holder, holder_name, tuple((op.source, op.target) for op in ops), name,
+                                  self.skipped[skipped_before:])
         return True
 
     def _bias(self, module: nn.Module) -> Tensor | None:
