@@ -149,10 +149,11 @@ def lora_plan(root: nn.Module, rank: int, seed: int, strength: float = 1.0):
     return plan
 
 
-def rss_mib() -> float:
+def rss_mib(field: str = "VmHWM") -> float:
+    """Peak (VmHWM, since the last reset_peak) or current (VmRSS) resident memory."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
 
@@ -199,19 +200,26 @@ def case(storage: str, blocks: int, width: int, tokens: int, rank: int) -> dict:
     out = {"storage": storage, "blocks": blocks, "tokens": tokens, "rank": rank, "model_mb": model_bytes / 2**20,
            "adapter_mb": factors / 2**20}
 
+    wide = x.repeat(1, 4)
+
     def step():
+        """One forward of the first block's Linears (the per-step ratio does not depend on the block count)."""
         t0 = time.perf_counter()
         with torch.inference_mode():
-            for block in root.double_blocks:
-                for name, _, in_mult in DOUBLE_BLOCK:
-                    layer = block.get_submodule(name)
-                    layer(x if in_mult == 1 else x.repeat(1, in_mult))
+            for name, _, in_mult in DOUBLE_BLOCK:
+                root.double_blocks[0].get_submodule(name)(x if in_mult == 1 else wide)
         return time.perf_counter() - t0
 
-    step()
-    out["step_plain_s"] = min(step() for _ in range(3))
     engine = ForwardEngine(root)
-    before = rss_mib()
+    step()
+    plain, adapted = [], []
+    for _ in range(3):  # alternate, so drift in machine load hits both sides alike
+        plain.append(step())
+        engine.reconcile(plan_a)
+        adapted.append(step())
+        engine.restore()
+    out["step_plain_s"], out["step_adapted_s"] = min(plain), min(adapted)
+    before = rss_mib("VmRSS")
     reset_peak()
     t0 = time.perf_counter()
     engine.reconcile(plan_a)
@@ -224,14 +232,12 @@ def case(storage: str, blocks: int, width: int, tokens: int, rank: int) -> dict:
     out["strength_s"] = time.perf_counter() - t0
     out["switch_peak_mb"] = max(0.0, rss_mib() - before)
     out["held_mb"] = engine.nbytes() / 2**20
-    step()
-    out["step_adapted_s"] = min(step() for _ in range(3))
     engine.restore()
     t0 = time.perf_counter()
     copies = [t.clone() for ops in plan_b.values() for t in ops[0].patch.tensors()]
     out["floor_s"] = time.perf_counter() - t0
     del copies
-    before = rss_mib()
+    before = rss_mib("VmRSS")
     reset_peak()
     out["forge_offline_s"], out["forge_offline_note"] = forge_offline(root, plan_b)
     out["forge_offline_peak_mb"] = max(0.0, rss_mib() - before)
@@ -266,7 +272,8 @@ def sd15_memory(mode: str) -> dict:
             if isinstance(mod, nn.Linear) and "attentions" in name and ("attn" in name or "ff" in name):
                 targets.append(name)
     del ref
-    model_mb = rss_mib()
+    model_mb = rss_mib("VmRSS")
+    reset_peak()
     engine, backups = ForwardEngine(root), {}
     t0 = time.perf_counter()
     for i in range(3):
@@ -291,7 +298,7 @@ def sd15_memory(mode: str) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = ["| storage | blocks (model) | LoRA r (size) | switch A→B | strength only | floor (copy factors) | "
-             "Forge offline (deq→merge→req) | step plain | step + LoRA | overhead | factors held | switch peak RSS |",
+             "Forge offline (deq→merge→req) | step plain (1 block) | step + LoRA | overhead | factors held | switch peak RSS |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         forge = f"{r['forge_offline_s']:.3f} s" + (f" ({r['forge_offline_note']})" if r["forge_offline_note"] else
