@@ -174,3 +174,25 @@ def test_fp16_lora_mode_keeps_factors_in_the_computation_dtype(host):
     dtypes = {t.form.up.dtype for layer in fe.layers.values() for t in layer.state.terms}
     assert dtypes == {torch.bfloat16}
     assert np is not None
+
+
+def test_a_schedule_on_quantized_layers_sets_numbers_each_step_and_never_writes_the_weights(host):
+    from modules import processing
+
+    engine = host.use(forge_engine("sd1", seed=1, storage="fp8"))
+    effects = write(host, "a", keys=UNET_KEYS, seed=6)
+    before = stored_bytes(engine)
+    forms, seen = [], []
+
+    def observe_step(phase, i, p):
+        fe = host.runtime.get_backend().state.forward["unet"]
+        forms.append({n: [id(t.form) for t in layer.state.terms] for n, layer in fe.layers.items()})
+        seen.append([t.strength for layer in fe.layers.values() for t in layer.state.terms])
+        if i == 2:
+            assert_forward(engine, effects, 0.5, effects)  # the ramp 0@0,1@1 at step 3 of 5
+    p = processing.StableDiffusionProcessingTxt2Img(prompt="<lora:a:0@0,1@1>", steps=5)
+    processing.process_images(p, observe_step=observe_step)
+    assert [s[0] for s in seen] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert all(f == forms[1] for f in forms[1:])  # built once (step 2), then numbers only
+    after = stored_bytes(engine)
+    assert all(torch.equal(before[k], after[k]) for k in before)

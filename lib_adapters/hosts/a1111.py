@@ -116,8 +116,7 @@ class A1111Backend:
         state = self.state_for(sd, create=bool(plan))
         if state is None:
             return {}
-        forward = {w: ops for w, ops in plan.items()
-                   if state.store.tensors[w].dtype in FLOAT8 and state.forward.takes(w)}
+        forward = {w: ops for w, ops in plan.items() if self.forward_weight(state, w)}
         try:
             stats = state.patcher.reconcile({w: ops for w, ops in plan.items() if w not in forward})
             state.forward.reconcile(forward)
@@ -138,9 +137,18 @@ class A1111Backend:
             state.te_signature = te
         return stats
 
+    @staticmethod
+    def forward_weight(state: ModelState, name: str) -> bool:
+        return state.store.tensors[name].dtype in FLOAT8 and state.forward.takes(name)
+
     def step(self, p, plan, values) -> dict:
-        """One sampling step's strengths: only the weights whose operations changed are recomputed."""
-        return self.apply(p, plan.plan(values))
+        """One sampling step's strengths: only the weights whose operations changed are recomputed; fp8 layers
+        (forward path) keep zero-strength terms, so a step there only sets numbers."""
+        state = self.state_for(self.model_of(p))
+        full = plan.plan(values, keep_zero=frozenset(range(len(plan.entries))))
+        stepped = {w: ops if self.forward_weight(state, w) else [op for op in ops if op.strength]
+                   for w, ops in full.items()}
+        return self.apply(p, {w: ops for w, ops in stepped.items() if ops})
 
     def release(self) -> None:
         """Restore the previous model's weights (it may live on in the checkpoint cache) and drop its state."""

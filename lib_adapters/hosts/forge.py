@@ -270,17 +270,18 @@ class ForgeBackend:
         return self.engine_of(p)
 
     def apply(self, p, plan: Plan, scheduled=frozenset()) -> dict:
-        """Unscheduled weights through Forge's patchers; `scheduled` weights stay out of them: `step` writes those
-        in place once sampling runs (after Forge's own merge), and they are restored here at the next call."""
+        """Unscheduled weights through Forge's patchers; `scheduled` unquantized weights stay out of them: `step`
+        writes those in place once sampling runs (after Forge's own merge), and they are restored here at the next
+        call. Quantized weights, scheduled or not, take the forward path (a step there sets numbers)."""
         engine = self.engine_of(p)
         if engine is None:
             return {}
         state = self.state_for(engine)
         if state.own is not None:
             state.own.restore()  # before Forge merges (and backs up) anything of the next generation
-        plan = {w: ops for w, ops in plan.items() if w not in scheduled}
         register_calculators()
         plan, forward_plans, skipped = self.split(state, plan)
+        plan = {w: ops for w, ops in plan.items() if w not in scheduled}
         base = engine.forge_objects_original
         stats = {"unet": 0, "clip": 0, "rebuilt": 0, "skipped": 0, "forward": 0}
         chosen = {}
@@ -321,13 +322,18 @@ class ForgeBackend:
         return stats
 
     def step(self, p, plan, values) -> dict:
-        """One sampling step's strengths on the scheduled weights: recomputed from their originals, in place."""
+        """One sampling step's strengths on the scheduled weights: unquantized ones recomputed from their originals
+        in place, quantized ones (forward path) as numbers (zero-strength terms kept, so nothing is rebuilt)."""
         engine = self.engine_of(p)
         state = self.state_for(engine)
         if state.own is None:
             state.own = Patcher(UnetStore(engine.forge_objects_original.unet.model))
-        own = {w: ops for w, ops in plan.plan(values).items() if w in plan.scheduled_weights}
-        return state.own.reconcile(own)
+        merged, forward_plans, _ = self.split(state, plan.plan(values, keep_zero=frozenset(range(len(plan.entries)))))
+        for component, forward_plan in forward_plans.items():
+            if forward_plan or component in state.forward:
+                self.forward_engine(state, component).reconcile(forward_plan)
+        own = {w: [op for op in ops if op.strength] for w, ops in merged.items() if w in plan.scheduled_weights}
+        return state.own.reconcile({w: ops for w, ops in own.items() if ops})
 
     def forget(self, sd_model) -> None:
         if self.state is not None and self.state.engine is sd_model:
