@@ -85,7 +85,8 @@ def merge(checkpoint: str, lora_dirs: list[str], out: str, prompt: str, dtype: s
     metadata["lib_adapters.merged"] = json.dumps(
         [{"file": os.path.basename(a.path), "unet": u, "te": t} for a, u, t in entries])
     save_tensors(out, tensors, metadata, DTYPES[dtype])
-    return {"out": out, "weights_changed": count, "adapters": len(entries), "family": layer_map.family}
+    family = f"{layer_map.family}: {layer_map.detail}" if layer_map.detail else layer_map.family
+    return {"out": out, "weights_changed": count, "adapters": len(entries), "family": family}
 
 
 def cmd_merge(args) -> int:

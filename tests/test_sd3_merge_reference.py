@@ -177,6 +177,7 @@ def test_peft_files_merge_like_peft(base, form):
 
 
 def test_strength_zero_leaves_the_checkpoint_bit_identical(base):
+    """Also: merge names the model it read (variant and depth come from the weights)."""
     folder, base_path, ckpt = base
     comps = build_sd3(VARIANT, SEED)
     tensors = {}
@@ -185,6 +186,9 @@ def test_strength_zero_leaves_the_checkpoint_bit_identical(base):
         net, _ = lycoris(comps[comp], prefix, names, ALGOS["diag-oft"])
         tensors.update(net.state_dict())
     out = run_merge(folder, base_path, tensors, "zero", tag="0:0")
+    summary = merge(base_path, [os.path.join(folder, "zero")], os.path.join(folder, "zero2.safetensors"),
+                    "<lora:zero:0:0>", log=lambda m: None)
+    assert summary["family"] == "sd3: SD3.5 Medium, 3 joint blocks" and summary["weights_changed"] == 0
     assert sorted(out) == sorted(ckpt)
     assert all(torch.equal(out[k], v) for k, v in ckpt.items())
 

@@ -61,6 +61,7 @@ class LayerMap:
         self.routes: list[tuple[str, Table]] = []
         self.fused: dict[str, tuple[tuple[str, int, int], ...]] = {}  # virtual weight → (member, first, end row)
         self.hints: dict[str, str] = {}  # weight → what to add when an adapter's layer does not fit it
+        self.detail = ""  # what a family module tells of the model beyond its family (SD3: variant and depth)
 
     def _add(self, prefixes: Iterable[str], table: Table) -> None:
         self.routes.extend((p, table) for p in prefixes)

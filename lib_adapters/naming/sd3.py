@@ -129,6 +129,12 @@ def variant(paths: Iterable[str]) -> str:
     return "SD3.5 Large" if info["qk_norm"] else "SD3 Medium"
 
 
+def describe(paths: Iterable[str]) -> str:
+    """One line on the model: variant and depth (`merge` prints it)."""
+    paths = list(paths)
+    return f"{variant(paths)}, {layout(paths)['depth']} joint blocks"
+
+
 # ---- routes onto a model (LayerMap), as every DiT family module provides them ----------------------------------
 
 NAME = "sd3"
@@ -160,6 +166,7 @@ def add_checkpoint_routes(lm, shapes, root: str) -> None:
     q/k/v onto row thirds of the fused `qkv`, the two swapped modulations with their halves in diffusers order."""
     modules = module_paths(shapes, root)
     last = last_block(modules)
+    lm.detail = describe(modules)
     sai = native_table(shapes, root, "unet", params=True)
     diffusers: Table = {}
     for path, (w, b) in modules.items():
@@ -204,6 +211,7 @@ def add_diffusers_routes(lm, shapes, root: str = "transformer.") -> None:
     same layers — a fused `qkv` onto a virtual weight stacking to_q/to_k/to_v (LayerMap.fuse)."""
     modules = module_paths(shapes, root)
     last = last_block(modules)
+    lm.detail = describe(modules)
     lm._add(DIFFUSERS_PREFIXES, native_table(shapes, root, "unet", params=True))
     sai: Table = {}
     fused: dict[str, dict[int, tuple[str, str | None]]] = {}
