@@ -177,8 +177,12 @@ class Adapter:
         return shown
 
     def summary(self) -> dict:
-        """The `inspect --json` object."""
+        """The `inspect --json` object (and what the adapter's family module tells about it, e.g. Flux split-qkv)."""
         ranks = self.ranks()
+        notes = {}
+        for family in DIT_FAMILIES:
+            if family.NAME == self.family and hasattr(family, "describe"):
+                notes.update(family.describe(self.layers))
         return {
             "file": self.path,
             "algorithms": self.algorithms(),
@@ -191,4 +195,5 @@ class Adapter:
             "metadata": self.shown_metadata(),
             "unmatched": self.unmatched,
             "zero_layers": len(self.zero_layers),
+            **notes,
         }

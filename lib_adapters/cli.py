@@ -25,6 +25,12 @@ def format_table(summary: dict) -> str:
         "alpha       " + (", ".join(f"{a} ×{n}" for a, n in summary["alpha"].items()) if summary["alpha"] else "—"),
         f"unmatched   {len(summary['unmatched'])} keys" + (": " + ", ".join(summary["unmatched"][:5]) + (" …" if len(summary["unmatched"]) > 5 else "") if summary["unmatched"] else ""),
     ]
+    if summary.get("zero_layers"):
+        lines.append(f"zero diffs  {summary['zero_layers']} all-zero layers skipped (no effect)")
+    split = summary.get("split_qkv")
+    if split:
+        lines.append(f"split-qkv   {split['layers']} kohya split_qkv layers, trained at scale "
+                     f"{', '.join(split['trained_scales'])}; applied at {split['applied']}")
     meta = summary["metadata"]
     if meta:
         lines.append("metadata")

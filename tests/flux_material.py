@@ -181,3 +181,38 @@ def diffusers_layers(model) -> list[str]:
 def block_index(path: str) -> int | None:
     m = re.search(r"blocks\.(\d+)\.", path)
     return int(m.group(1)) if m else None
+
+
+class DoubleStreamBlock(torch.nn.Module):
+    """The Linear layout of BFL's double block (class name as LyCORIS's presets target it)."""
+
+    def __init__(self):
+        super().__init__()
+        lin = torch.nn.Linear
+        for s in ("img", "txt"):
+            mod, attn = torch.nn.Module(), torch.nn.Module()
+            mod.lin = lin(H, 6 * H)
+            attn.qkv, attn.proj = lin(H, 3 * H), lin(H, H)
+            setattr(self, f"{s}_mod", mod)
+            setattr(self, f"{s}_attn", attn)
+            setattr(self, f"{s}_mlp", torch.nn.Sequential(lin(H, M), torch.nn.GELU(approximate="tanh"), lin(M, H)))
+
+
+class SingleStreamBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear1 = torch.nn.Linear(H, 3 * H + M)
+        self.linear2 = torch.nn.Linear(H + M, H)
+        self.modulation = torch.nn.Module()
+        self.modulation.lin = torch.nn.Linear(H, 3 * H)
+
+
+def bfl_module(bfl_state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The BFL twin's blocks as modules named and classed like BFL's (Forge's `IntegratedFluxTransformer2DModel`),
+    holding `bfl_state`'s weights (norms and top-level layers left out)."""
+    root = torch.nn.Module()
+    root.double_blocks = torch.nn.ModuleList(DoubleStreamBlock() for _ in range(CONFIG["num_layers"]))
+    root.single_blocks = torch.nn.ModuleList(SingleStreamBlock() for _ in range(CONFIG["num_single_layers"]))
+    own = root.state_dict()
+    root.load_state_dict({k: bfl_state[k] for k in own})
+    return root.eval()

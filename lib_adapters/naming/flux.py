@@ -22,6 +22,8 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
+
 from . import t5
 from .slots import DIT_WEIGHT_SUFFIXES, Slot, Table, find_root, halves, module_paths, native_table, underscore
 
@@ -249,3 +251,47 @@ def file_renames(keys) -> dict[str, str]:
     if not any(CONTROL_SIGNATURE.search(k) for k in keys):
         return {}
     return {k: k + ".set_weight" for k in keys if NORM_SCALE.search(k)}
+
+
+# ---- what inspect tells about a Flux file ---------------------------------------------------------------------
+
+FUSED_KEY = re.compile(r"(img_attn[._]qkv|txt_attn[._]qkv|linear1)$")
+
+
+def split_qkv_parts(key: str, patch) -> int | None:
+    """How many splits a kohya `split_qkv=True` layer was trained as (3 for qkv, 4 for linear1), from its block-
+    diagonal up (rows H per q/k/v, the rest mlp; columns rank/n each); None for any other layer."""
+    m = FUSED_KEY.search(key)
+    up, down = getattr(patch, "up", None), getattr(patch, "down", None)
+    if not m or up is None or up.ndim != 2 or getattr(patch, "mid", None) is not None:
+        return None
+    parts = 4 if m.group(1) == "linear1" else 3
+    rank, hidden = down.shape[0], down.shape[1]
+    if rank % parts or up.shape[0] < 3 * hidden:
+        return None
+    r = rank // parts
+    rows = [(j * hidden, (j + 1) * hidden) for j in range(3)] + ([(3 * hidden, up.shape[0])] if parts == 4 else [])
+    if rows[-1][1] != up.shape[0]:
+        return None
+    mask = torch.ones_like(up, dtype=torch.bool)
+    for j, (lo, hi) in enumerate(rows):
+        mask[lo:hi, j * r:(j + 1) * r] = False
+    return parts if not bool(up[mask].any()) else None
+
+
+def describe(layers: dict) -> dict:
+    """Flux-specific facts for `inspect`: kohya split-qkv layers, applied (as every host does) at alpha/(n·r) where
+    training used alpha/r."""
+    found = {}
+    for key, patch in layers.items():
+        parts = split_qkv_parts(key, patch)
+        if parts:
+            found[key] = (parts, patch.scale * parts)
+    if not found:
+        return {}
+    return {"split_qkv": {
+        "layers": len(found),
+        "trained_scales": sorted({f"{s:g}" for _, s in found.values()}),
+        "applied": "alpha / (3·r) on qkv, alpha / (4·r) on linear1, as Forge, ComfyUI, sd-scripts and diffusers load "
+                   "it (kohya-ss/sd-scripts#2204): 1/3 and 1/4 of the training-time scale",
+    }}
