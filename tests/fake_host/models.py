@@ -278,3 +278,101 @@ def forge_engine(family: str, seed: int = 0, dtype=torch.float32, storage: str |
         sd_model_hash=f"{seed:010d}", extra_generation_params={}, comments=[],
     )
     return engine
+
+
+# ---- Forge's Flux engine (backend/diffusion_engine/flux.py, backend/nn/flux.py, backend/nn/t5.py) ----------------
+
+class RMSNorm(nn.Module):
+    """Forge's Flux RMSNorm: the gain is a Parameter named `scale`."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+
+
+def flux_transformer(hidden=16, mlp=64, heads=2, double=2, single=2, in_channels=1, vec=20, context=24,
+                     guidance=True) -> nn.Module:
+    """`IntegratedFluxTransformer2DModel`'s parameter tree (BFL names): img_in takes in_channels·4 (2×2 patches)."""
+    m = nn.Module()
+    head = hidden // heads
+    put(m, "img_in", nn.Linear(in_channels * 4, hidden))
+    for emb, width in (("time_in", 256), ("vector_in", vec)) + ((("guidance_in", 256),) if guidance else ()):
+        put(m, f"{emb}.in_layer", nn.Linear(width, hidden))
+        put(m, f"{emb}.out_layer", nn.Linear(hidden, hidden))
+    put(m, "txt_in", nn.Linear(context, hidden))
+    for n in range(double):
+        b = f"double_blocks.{n}"
+        for s in ("img", "txt"):
+            put(m, f"{b}.{s}_mod.lin", nn.Linear(hidden, 6 * hidden))
+            put(m, f"{b}.{s}_attn.qkv", nn.Linear(hidden, 3 * hidden))
+            put(m, f"{b}.{s}_attn.norm.query_norm", RMSNorm(head))
+            put(m, f"{b}.{s}_attn.norm.key_norm", RMSNorm(head))
+            put(m, f"{b}.{s}_attn.proj", nn.Linear(hidden, hidden))
+            put(m, f"{b}.{s}_mlp", nn.Sequential(nn.Linear(hidden, mlp), nn.GELU(approximate="tanh"),
+                                                 nn.Linear(mlp, hidden)))
+    for n in range(single):
+        b = f"single_blocks.{n}"
+        put(m, f"{b}.linear1", nn.Linear(hidden, 3 * hidden + mlp))
+        put(m, f"{b}.linear2", nn.Linear(hidden + mlp, hidden))
+        put(m, f"{b}.norm.query_norm", RMSNorm(head))
+        put(m, f"{b}.norm.key_norm", RMSNorm(head))
+        put(m, f"{b}.modulation.lin", nn.Linear(hidden, 3 * hidden))
+    put(m, "final_layer.linear", nn.Linear(hidden, in_channels * 4))
+    put(m, "final_layer.adaLN_modulation", nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden)))
+    return m
+
+
+def integrated_t5(width=24, ff=48, heads=3, layers=2, vocab=99) -> nn.Module:
+    """`IntegratedT5`: `transformer.shared`, `transformer.encoder.block.N.layer.{0,1}…` (gated-gelu), `logit_scale`."""
+    t = nn.Module()
+    put(t, "transformer.shared", nn.Embedding(vocab, width))
+    for n in range(layers):
+        b = f"transformer.encoder.block.{n}.layer"
+        for proj in ("q", "k", "v", "o"):
+            put(t, f"{b}.0.SelfAttention.{proj}", nn.Linear(width, width, bias=False))
+        if n == 0:
+            put(t, f"{b}.0.SelfAttention.relative_attention_bias", nn.Embedding(32, heads))
+        put(t, f"{b}.0.layer_norm", nn.LayerNorm(width, bias=False))
+        put(t, f"{b}.1.DenseReluDense.wi_0", nn.Linear(width, ff, bias=False))
+        put(t, f"{b}.1.DenseReluDense.wi_1", nn.Linear(width, ff, bias=False))
+        put(t, f"{b}.1.DenseReluDense.wo", nn.Linear(ff, width, bias=False))
+        put(t, f"{b}.1.layer_norm", nn.LayerNorm(width, bias=False))
+    put(t, "transformer.encoder.final_layer_norm", nn.LayerNorm(width, bias=False))
+    t.logit_scale = nn.Parameter(torch.tensor(4.6055))
+    return t
+
+
+class FluxKModel(nn.Module):
+    def __init__(self, dtype, **sizes):
+        super().__init__()
+        self.diffusion_model = flux_transformer(**sizes)
+        self.storage_dtype = self.computation_dtype = dtype
+
+
+class Flux(SimpleNamespace):
+    """Forge's `Flux` engine: no is_sd* flag set (all False), CLIP with `clip_l` and `t5xxl`."""
+
+
+def forge_flux_engine(seed: int = 0, dtype=torch.float32, transformer_state: dict | None = None):
+    """A Forge Flux engine; `transformer_state` (BFL names) replaces the seeded transformer weights."""
+    from backend.patcher.clip import CLIP
+    from backend.patcher.unet import UnetPatcher
+
+    kmodel = randomize(FluxKModel(dtype), seed, dtype)
+    if transformer_state is not None:
+        kmodel.diffusion_model.load_state_dict(transformer_state)
+        kmodel.to(dtype)
+    clip_l = nn.Module()
+    clip_l.transformer = hf_clip(16, projection=True)
+    clip = CLIP({"clip_l": clip_l, "t5xxl": integrated_t5()})
+    randomize(clip.cond_stage_model, seed + 1, dtype)
+    unet = UnetPatcher(kmodel, torch.device("cpu"), torch.device("cpu"))
+    objs = ForgeObjects(unet, clip)
+    return Flux(
+        is_sd1=False, is_sd2=False, is_sdxl=False, is_sd3=False, use_distilled_cfg_scale=True,
+        cond_stage_model=None, first_stage_model=None,
+        forge_objects=objs.shallow_copy(), forge_objects_original=objs.shallow_copy(),
+        forge_objects_after_applying_lora=objs.shallow_copy(), current_lora_hash="[]",
+        sd_checkpoint_info=CheckpointInfo(f"/models/flux-{seed}.safetensors", f"flux-{seed}"),
+        sd_model_hash=f"{seed:010d}", extra_generation_params={}, comments=[],
+    )
