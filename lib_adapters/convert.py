@@ -5,7 +5,8 @@ carried in `lora_adapter_metadata` (alpha_pattern/rank_pattern, exact) or folded
 go to PEFT's own layouts (`--to peft`); what PEFT or diffusers cannot represent is refused (AdapterError). Metadata
 (ss_*, modelspec.*) is kept; kohya → diffusers → kohya gives back the same tensors and metadata.
 Names are found through the naming tables (LayerMap) of a reference model built from the shipped configs; SD3
-files (fused q/k/v, swapped modulations) go through `convert_dit`.
+files (fused q/k/v, swapped modulations) go through `convert_dit`, Flux files (kohya-Flux ↔ diffusers-Flux, fused
+layers split and joined exactly) through `convert_flux`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .files import DTYPE_NAMES, DTYPES, load_tensors, read_header, save_tensors
 from .keys import group_keys
 
 TARGETS = ("diffusers", "peft", "kohya")
-FAMILIES = ("sd1", "sd2", "sdxl") + convert_dit.DIT_FAMILIES
+FAMILIES = ("sd1", "sd2", "sdxl") + convert_dit.DIT_FAMILIES + ("flux",)
 FIRST_FACTORS = ("lora_up.weight", "hada_w1_a", "lokr_w1", "lokr_w1_a")  # scaling one factor scales ΔW
 HINT_KEY = "lib_adapters.kohya_source"  # what a kohya → diffusers/peft conversion needs to come back exactly
 PEFT_LAYOUTS = {"lora", "locon", "loha", "lokr"}
@@ -137,8 +138,12 @@ def _peft_config(modules: dict[str, tuple[int, float]], use_dora: bool) -> dict:
 
 
 def to_peft(path: str, tensors: dict, metadata: dict, family: str | None, target: str, fold_scale: bool) -> tuple[dict, dict]:
-    """(tensors, metadata) in diffusers (`target="diffusers"`) or PEFT naming, `unet.`/`text_encoder[_2].` prefixed."""
+    """(tensors, metadata) in diffusers (`target="diffusers"`) or PEFT naming, `unet.`/`text_encoder[_2].` prefixed
+    (Flux: `transformer.`, convert_flux)."""
     adapter = Adapter.from_tensors(tensors, metadata, path)
+    if (family or adapter.family) == "flux":
+        from . import convert_flux
+        return convert_flux.to_peft(path, tensors, metadata, target, fold_scale)
     family = _family(adapter, family)
     if family in convert_dit.DIT_FAMILIES:
         return convert_dit.to_diffusers(path, tensors, metadata, family, target, fold_scale)
@@ -213,8 +218,11 @@ def to_peft(path: str, tensors: dict, metadata: dict, family: str | None, target
 
 
 def to_kohya(path: str, tensors: dict, metadata: dict, family: str | None) -> tuple[dict, dict]:
-    """(tensors, metadata) with kohya/LyCORIS module keys and an `alpha` tensor per layer."""
+    """(tensors, metadata) with kohya/LyCORIS module keys and an `alpha` tensor per layer (Flux: convert_flux)."""
     adapter = Adapter.from_tensors(tensors, metadata, path)
+    if (family or adapter.family) == "flux":
+        from . import convert_flux
+        return convert_flux.to_kohya(path, tensors, metadata)
     family = _family(adapter, family)
     if family in convert_dit.DIT_FAMILIES:
         return convert_dit.to_kohya(path, tensors, metadata, family)
