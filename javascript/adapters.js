@@ -209,7 +209,7 @@
         var card = cardFor(el, name);
         if (!card) return false;
         var payload = payloadOf(card);
-        if (!payload) return false;
+        if (!payload || payload.error) return false;  // a file that cannot be used: its card says why
         var tab = tabOf(card);
         var area = promptArea(tab, false);
         if (!area) return false;
@@ -267,6 +267,12 @@
         if (payload.mismatch) card.classList.add("adapters-mismatch");
         var badges = document.createElement("div");
         badges.className = "adapters-badges";
+        if (payload.error) {
+            card.classList.add("adapters-error");
+            badges.appendChild(span("adapters-badge adapters-error-badge", "cannot be used", payload.error));
+            card.appendChild(badges);
+            return;
+        }
         badges.appendChild(span("adapters-badge adapters-type", payload.type, "adapter type"));
         badges.appendChild(span("adapters-badge adapters-family" + (payload.mismatch ? " adapters-family-other" : ""),
             payload.family, payload.mismatch ? "made for another model family than the loaded model" : "base model family"));

@@ -2,84 +2,24 @@
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .algorithms import ALGORITHM_NAMES, LayerPatch, detect, kind_name
+from .algorithms import ALGORITHM_NAMES, LayerPatch, detect, incomplete, kind_name
 from .errors import AdapterError, ShapeMismatch
-from .files import Header, load_tensors, read_header
+from .files import Header, json_value, load_tensors, read_header
 from .keys import group_keys, key_format
 from .naming import DIT_FAMILIES
 from .naming.families import detect_family
+from .peft_config import apply_peft_config
 
 SHOWN_METADATA_PREFIXES = ("ss_", "modelspec.", "sshs_", "ssmd_")
 SHOWN_METADATA_KEYS = ("lora_adapter_metadata", "format")
 BUNDLED_EMBEDDING_PREFIX = "bundle_emb."
-
-
-PEFT_FIELDS = ("r", "lora_alpha", "alpha", "use_rslora", "alpha_pattern", "rank_pattern")
-PEFT_MODEL_PREFIX = "base_model.model."
-
-
-def peft_configs(metadata: dict[str, str]) -> dict[str, dict]:
-    """Component prefix ("" for a bare PEFT model, "unet", "text_encoder", …) → its PEFT config fields,
-    from the `lora_adapter_metadata` JSON diffusers writes (keys `r` or `unet.r`, `unet.lora_alpha`, …)."""
-    try:
-        config = json.loads(metadata.get("lora_adapter_metadata") or "{}")
-    except json.JSONDecodeError:
-        return {}
-    configs: dict[str, dict] = {}
-    if isinstance(config, dict):
-        for key, value in config.items():
-            prefix, _, name = key.rpartition(".")
-            if name in PEFT_FIELDS:
-                configs.setdefault(prefix, {})[name] = value
-    return configs
-
-
-def _pattern_value(patterns: dict, module: str):
-    """PEFT's rank/alpha pattern lookup: a pattern matches a whole trailing part of the module name."""
-    for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return value
-    return None
-
-
-def apply_peft_config(layers: dict[str, LayerPatch], metadata: dict[str, str]) -> None:
-    """Give LoRA/LoHa/LoKr layers without an alpha tensor the scale their PEFT config sets: alpha / r
-    (alpha / √r with use_rslora), per-module alpha_pattern overrides; full-full LoKr uses the config's r (PEFT)."""
-    configs = peft_configs(metadata)
-    if not configs:
-        return
-    for module, patch in layers.items():
-        inner = getattr(patch, "inner", patch)
-        if not hasattr(inner, "scale_override") or inner.alpha_value is not None or inner.scale_override is not None:
-            continue
-        name = module[len(PEFT_MODEL_PREFIX):] if module.startswith(PEFT_MODEL_PREFIX) else module
-        prefix = next((p for p in configs if p and name.startswith(p + ".")), "")
-        config = configs.get(prefix)
-        if config is None:
-            continue
-        name = name[len(prefix) + 1:] if prefix else name
-        alpha = _pattern_value(config.get("alpha_pattern"), name)
-        alpha = alpha if alpha is not None else config.get("lora_alpha", config.get("alpha"))
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-            continue
-        rank = inner.rank or _pattern_value(config.get("rank_pattern"), name) or config.get("r")
-        if not rank:
-            continue
-        if config.get("use_rslora"):
-            inner.scale_override = alpha / math.sqrt(rank)
-        elif inner.rank is None:
-            inner.scale_override = alpha / rank
-        inner.alpha_value = float(alpha)
 
 
 @dataclass
@@ -103,8 +43,13 @@ class Adapter:
     def load(cls, path: str | os.PathLike) -> "Adapter":
         """Read, detect and validate; raises AdapterError naming the file and the reason."""
         path = str(path)
-        header, tensors = load_tensors(path, read_header(path))
-        return cls.from_tensors(tensors, header.metadata, path, header)
+        try:
+            header, tensors = load_tensors(path, read_header(path))
+            return cls.from_tensors(tensors, header.metadata, path, header)
+        except AdapterError:
+            raise
+        except Exception as e:  # whatever a file holds, reading it fails only with an AdapterError for that file
+            raise AdapterError(path, f"cannot be read as an adapter ({type(e).__name__}: {e})") from None
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
@@ -132,6 +77,9 @@ class Adapter:
             except (ValueError, RuntimeError, IndexError, TypeError) as e:  # malformed alpha, on_input, …
                 raise AdapterError(path, f"layer {module!r}: malformed adapter tensors ({e})") from None
             if patch is None:
+                broken = incomplete(params)
+                if broken:
+                    raise AdapterError(path, f"layer {module!r}: {broken}")
                 unmatched.extend(f"{module}.{p}" for p in unused)
                 continue
             if getattr(patch, "is_zero", False):
@@ -143,7 +91,7 @@ class Adapter:
             what = "no tensors" if not tensors else f"{len(tensors)} tensors, none with a known adapter key signature"
             raise AdapterError(path, f"not an adapter: {what} (is it a checkpoint or an embedding?)")
         unmatched = sorted(k for k in unmatched if not k.startswith(BUNDLED_EMBEDDING_PREFIX))
-        apply_peft_config(layers, metadata)
+        apply_peft_config(layers, metadata, path)
         family = detect_family({k: p.in_dim for k, p in layers.items()}, metadata)
         return cls(path, metadata, layers, unmatched, key_format(raw_keys), family, header, sorted(zero_layers))
 
@@ -170,8 +118,8 @@ class Adapter:
                     v = f"<{len(v)} characters of image data>"
                 elif isinstance(v, str) and v[:1] in "{[":
                     try:
-                        v = json.loads(v)
-                    except json.JSONDecodeError:
+                        v = json_value(v)
+                    except ValueError:  # invalid, non-finite or nested too deeply: shown as the text it is
                         pass
                 shown[k] = v
         return shown

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-from .algorithms import detect, kind_name
+from .algorithms import detect, incomplete, kind_name
 from .errors import AdapterError, ShapeMismatch
-from .files import Header, read_header
+from .files import Header, json_value, read_header
 from .keys import group_keys
 from .naming.families import detect_family
+from .peft_config import apply_peft_config
 
 BADGES = {
     "lora": "LoRA", "locon": "LoCon", "loha": "LoHa", "lokr": "LoKr", "oft": "OFT", "boft": "BOFT",
@@ -111,19 +112,25 @@ def meta_params(header: Header) -> dict[str, torch.Tensor]:
     return out
 
 
-def classify(header: Header) -> tuple[dict[str, int], Counter, bool, dict[str, int | None]]:
-    """(algorithm → layer count, rank (OFT/BOFT: block size) counts, any DoRA, module → input width), from shapes."""
+def classify(header: Header) -> tuple[dict[str, int], Counter, bool, dict[str, int | None], str]:
+    """(algorithm → layer count, rank (OFT/BOFT: block size) counts, any DoRA, module → input width, why the file
+    cannot be applied or ""), from shapes."""
     groups, _ = group_keys(meta_params(header))
     algorithms: Counter = Counter()
     ranks: Counter = Counter()
     dora = False
     in_dims: dict[str, int | None] = {}
+    error = ""
+    layers = {}
     for module, params in groups.items():
         try:
             patch, _ = detect(params)
         except (ShapeMismatch, RuntimeError, ValueError, NotImplementedError):
             continue
         if patch is None:
+            broken = incomplete(params)
+            if broken and not error:
+                error = f"layer {module!r}: {broken}"
             continue
         algorithms[kind_name(patch)] += 1
         size = patch.rank if patch.rank is not None else getattr(patch, "block_size", None)
@@ -131,7 +138,15 @@ def classify(header: Header) -> tuple[dict[str, int], Counter, bool, dict[str, i
             ranks[int(size)] += 1
         dora = dora or patch.dora
         in_dims[module] = patch.in_dim
-    return dict(algorithms), ranks, dora, in_dims
+        layers[module] = patch
+    try:  # a PEFT config the layers need must be usable (finite alpha, safe patterns), as Adapter.load requires
+        apply_peft_config(layers, header.metadata, header.path)
+    except AdapterError as e:
+        error = error or e.reason
+    if not algorithms and not error:
+        n = len(header.entries)
+        error = "not an adapter: " + (f"{n} tensors, none with a known adapter key signature" if n else "no tensors")
+    return dict(algorithms), ranks, dora, in_dims, error
 
 
 def badge_for(algorithms: dict[str, int]) -> str:
@@ -155,8 +170,8 @@ def top_tags(metadata: dict[str, str], limit: int = TOP_TAGS) -> list[tuple[str,
     if not raw:
         return []
     try:
-        folders = json.loads(raw)
-    except (TypeError, ValueError):
+        folders = json_value(raw)
+    except (TypeError, ValueError):  # invalid, NaN/Infinity, or nested too deeply: no trigger words
         return []
     totals: Counter = Counter()
     if isinstance(folders, dict):
@@ -216,20 +231,34 @@ def read_card(path: str | os.PathLike, listing: set[str] | None = None) -> CardI
         card = cached[2]
         card.preview_file = find_preview_file(path, listing)
         return card
-    header = read_header(path)
-    algorithms, ranks, dora, in_dims = classify(header)
+    try:
+        card = _card_of(read_header(path), path, st, listing)
+    except AdapterError:
+        raise
+    except Exception as e:  # whatever a file holds, reading it fails only with an AdapterError for that file
+        raise AdapterError(path, f"cannot be read as an adapter ({type(e).__name__}: {e})") from None
+    _CACHE[path] = (st.st_size, st.st_mtime, card)
+    return card
+
+
+def _card_of(header: Header, path: str, st: os.stat_result, listing: set[str] | None) -> CardInfo:
+    algorithms, ranks, dora, in_dims, error = classify(header)
     family = detect_family(in_dims, header.metadata) if in_dims else "unknown"
     rank = ranks.most_common(1)[0][0] if ranks else None
-    card = CardInfo(
+    return CardInfo(
         path=path, size=st.st_size, mtime=st.st_mtime,
         badge=badge_for(algorithms), dora=dora, rank=rank, ranks=dict(sorted(ranks.items())),
         algorithms=algorithms, family=family, layers=sum(algorithms.values()),
         preview_file=find_preview_file(path, listing), thumbnail=thumbnail_of(header.metadata),
-        training=training_of(header.metadata), metadata=header.metadata,
-        error="" if algorithms else "no known adapter layers",
+        training=training_of(header.metadata), metadata=header.metadata, error=error,
     )
-    _CACHE[path] = (st.st_size, st.st_mtime, card)
-    return card
+
+
+def error_card(error: AdapterError) -> CardInfo:
+    """The card of a file that cannot be read: its name and the reason, nothing else."""
+    return CardInfo(path=os.path.abspath(error.path or ""), size=0, mtime=0.0, badge="?", dora=False, rank=None,
+                    ranks={}, algorithms={}, family="unknown", layers=0, preview_file=None, thumbnail=None,
+                    training=Training(), metadata={}, error=error.reason)
 
 
 def list_files(dirs: list[str]) -> list[str]:
@@ -261,6 +290,8 @@ def list_cards(dirs: list[str]) -> list[CardInfo | AdapterError]:
             out.append(e)
         except OSError as e:
             out.append(AdapterError(path, f"cannot be read: {e.strerror or e}"))
+        except Exception as e:  # never one file's problem for the whole listing
+            out.append(AdapterError(path, f"cannot be read as an adapter ({type(e).__name__}: {e})"))
     return out
 
 

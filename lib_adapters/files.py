@@ -1,6 +1,8 @@
 """Reading `.safetensors` files: header and metadata alone, or all tensors from one read of the file.
 
-Pickled files (`.pt`, `.ckpt`, `.pth`, `.bin` zips or raw pickles) are refused, never unpickled.
+Headers are validated by the `safetensors` package itself; tensor data is read in one pass into one buffer (no
+mmap: a file truncated while mapped would crash the process, and `merge` edits that buffer in place). Pickled files
+(`.pt`, `.ckpt`, `.pth`, `.bin` zips or raw pickles) are refused, never unpickled.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from .errors import AdapterError
 
@@ -32,11 +36,12 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024
+MAX_ELEMENTS = 2**48  # a shape beyond this (zero dimensions aside) is corrupt, not a tensor
+MAX_JSON_DEPTH = 32  # metadata JSON nested deeper is shown as text, never walked
 PICKLE_SUFFIXES = {".pt", ".ckpt", ".pth", ".bin", ".pkl"}
 
 
-@dataclass(frozen=True)
-class TensorEntry:
+class TensorEntry(NamedTuple):
     """Where one tensor lies in the data section, and what it is."""
 
     dtype: torch.dtype
@@ -77,18 +82,21 @@ def _refuse_pickles(path: str, head: bytes, size: int) -> None:
 
 
 def read_header(path: str | os.PathLike) -> Header:
-    """Parse and validate a safetensors header without reading tensor data."""
+    """Parse and validate a safetensors header without reading tensor data.
+
+    The `safetensors` package validates the header (JSON, dtypes, shapes, every byte of the data section covered
+    exactly once: no duplicate, overlapping or out-of-order offsets, no holes, no trailing bytes); tensor offsets
+    follow from its order and the shapes."""
     path = str(path)
     try:
-        size = os.path.getsize(path)
-        mtime = os.path.getmtime(path)
+        st = os.stat(path)
         with open(path, "rb") as f:
             head = f.read(9)
+            size = st.st_size
             _refuse_pickles(path, head, size)
-            head = head[:8]
             if len(head) < 8:
                 raise AdapterError(path, f"truncated: the file has {size} bytes, fewer than the 8-byte header length")
-            (n,) = struct.unpack("<Q", head)
+            (n,) = struct.unpack("<Q", head[:8])
             if n > size - 8:
                 raise AdapterError(path, f"truncated or not safetensors: header length {n} exceeds the file size {size}")
             if n > MAX_HEADER:
@@ -98,33 +106,110 @@ def read_header(path: str | os.PathLike) -> Header:
     except OSError as e:
         raise AdapterError(path, f"cannot be read: {e.strerror or e}") from None
     try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise AdapterError(path, "not a safetensors file: the header is not valid JSON") from None
-    if not isinstance(doc, dict):
-        raise AdapterError(path, "not a safetensors file: the header is not a JSON object")
-    metadata = doc.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise AdapterError(path, "invalid safetensors header: __metadata__ is not an object")
-    metadata = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    data_len = size - 8 - n
+        with safe_open(path, framework="pt") as f:
+            names = f.offset_keys()
+            metadata = f.metadata() or {}
+            layout = [(s.get_dtype(), s.get_shape()) for s in map(f.get_slice, names)]
+    except SafetensorError as e:
+        raise AdapterError(path, _invalid_reason(raw, str(e), size)) from None
+    except OSError as e:
+        raise AdapterError(path, f"cannot be read: {e.strerror or e}") from None
+    except Exception as e:
+        raise AdapterError(path, f"not a valid safetensors file ({type(e).__name__}: {e})") from None
+    except BaseException as e:  # a panic inside the package's parser (pyo3 raises it as a BaseException)
+        if type(e).__name__ != "PanicException":
+            raise
+        raise AdapterError(path, f"not a valid safetensors file (the safetensors parser failed: {e})") from None
+    if raw.count(b'"data_offsets"') != len(names):  # the package keeps one of two identical entries silently
+        duplicate = _duplicate_key(raw)
+        if duplicate is not None:
+            raise AdapterError(path, f"not a valid safetensors file: tensor {duplicate!r} is listed twice")
     entries = {}
-    for name, info in doc.items():
+    offset = 0
+    for name, (dtype_name, shape) in zip(names, layout):
+        dtype = DTYPES.get(dtype_name)
+        if dtype is None:
+            raise AdapterError(path, f"tensor {name!r} has dtype {dtype_name}, which adapter files do not use")
+        numel = math.prod(shape)
+        if not numel and math.prod(d for d in shape if d) > MAX_ELEMENTS:  # non-empty ones fit in the file
+            raise AdapterError(path, f"tensor {name!r} has an implausible shape {list(shape)}")
+        end = offset + numel * dtype.itemsize
+        entries[name] = TensorEntry(dtype, tuple(shape), offset, end)
+        offset = end
+    if offset != size - 8 - n:  # safetensors has checked this; a file that changed since is caught here
+        raise AdapterError(path, "truncated: the file changed while it was being read")
+    return Header(path, metadata, entries, 8 + n, size, st.st_mtime)
+
+
+def _invalid_reason(raw: bytes, message: str, size: int) -> str:
+    """The safetensors package's refusal as one readable reason (the header is parsed here only to say which
+    tensor)."""
+    detail = message.split("Error while deserializing header:", 1)[-1].strip()
+    detail = detail if len(detail) < 200 else detail[:200] + "…"
+    if "not fully covered" in detail:
         try:
-            dtype = DTYPES[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            start, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise AdapterError(path, f"invalid safetensors header entry for tensor {name!r}") from None
-        if any(d < 0 for d in shape) or not 0 <= start <= end:
-            raise AdapterError(path, f"invalid shape or offsets for tensor {name!r}")
-        if end > data_len:
-            raise AdapterError(path, f"truncated: tensor {name!r} ends at byte {end} of a {data_len}-byte data section")
-        itemsize = dtype.itemsize
-        if (end - start) != math.prod(shape) * itemsize:
-            raise AdapterError(path, f"invalid safetensors header: tensor {name!r} has {end - start} bytes for shape {list(shape)}")
-        entries[name] = TensorEntry(dtype, shape, start, end)
-    return Header(path, metadata, entries, 8 + n, size, mtime)
+            doc = json_value(raw.decode("utf-8"), max_depth=3)
+            ends = {k: int(v["data_offsets"][1]) for k, v in doc.items() if k != "__metadata__"}
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            ends = {}
+        data_len = size - 8 - len(raw)
+        last = max(ends, key=ends.get, default=None)
+        if last is not None and ends[last] > data_len:
+            return f"truncated: tensor {last!r} ends at byte {ends[last]} of a {data_len}-byte data section"
+        if last is not None:
+            return f"not a valid safetensors file: {data_len - ends[last]} bytes after the last tensor's data"
+        return "truncated or not safetensors: the data section does not match the tensors"
+    if "invalid offset" in detail:
+        return f"not a valid safetensors file: tensor data overlaps, is out of order or leaves a gap ({detail})"
+    if "recursion limit" in detail:
+        return "not a valid safetensors file: the header JSON nests too deeply"
+    if "expected struct" in detail or "invalid type: sequence" in detail:
+        return "not a safetensors file: the header is not a JSON object"
+    if any(w in detail for w in ("invalid type", "invalid value", "unknown variant", "missing field", "duplicate")):
+        return f"invalid safetensors header: {detail.replace('invalid JSON in header: ', '')}"
+    if "invalid JSON" in detail or "UTF-8" in detail:
+        return f"not a safetensors file: the header is not valid JSON ({detail})"
+    return f"not a valid safetensors file: {detail}"
+
+
+def _duplicate_key(raw: bytes) -> str | None:
+    """The first top-level key a header names twice, or None."""
+    def first_duplicate(items):
+        keys = [k for k, _ in items]
+        return next((k for i, k in enumerate(keys) if k in keys[:i]), None) if len(set(keys)) < len(keys) else None
+
+    try:  # the hook sees the innermost objects first and the top level last, which is what it returns
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=first_duplicate)
+    except (ValueError, RecursionError):
+        return None
+
+
+def json_value(text: str, max_depth: int = MAX_JSON_DEPTH):
+    """A metadata string parsed as JSON; ValueError for invalid JSON, non-finite numbers (NaN, Infinity, 1e999) or
+    nesting deeper than `max_depth`."""
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > max_depth:
+                raise ValueError(f"nested deeper than {max_depth} levels")
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return value
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a finite number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is not a finite number")
+    return value
 
 
 def load_tensors(path: str | os.PathLike, header: Header | None = None) -> tuple[Header, dict[str, torch.Tensor]]:

@@ -23,6 +23,10 @@ CASES = {
     "dora": ("lora", dict(r=4, lora_alpha=8, use_dora=True)),
     "rslora": ("lora", dict(r=4, lora_alpha=6, use_rslora=True)),
     "alpha-pattern": ("lora", dict(r=4, lora_alpha=8, alpha_pattern={"conv3": 2})),
+    # the regular-expression forms users give PEFT: anchors, classes, alternation, wildcards; the first key that
+    # matches wins, in file order (diffusers writes the config with sorted keys: given sorted here)
+    "regex-patterns": ("lora", dict(r=4, lora_alpha=8, rank_pattern={r"^conv\d$": 2, "lin": 3},
+                                    alpha_pattern={"^conv1$": 3, "conv(1|3)": 5, "l.[mn]": 6})),
     "loha": ("loha", dict(r=4, alpha=8, use_effective_conv2d=True)),
     "lokr": ("lokr", dict(r=4, alpha=8, decompose_both=True)),
 }

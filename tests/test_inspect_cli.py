@@ -46,7 +46,7 @@ METADATA = {
 
 @pytest.fixture(scope="session")
 def mixed(tmp_path_factory):
-    """A file mixing every algorithm (each layer renamed `lora_unet_<source>_<layer>`), plus two stray keys."""
+    """A file mixing every algorithm (each layer renamed `lora_unet_<source>_<layer>`), plus a stray key."""
     tensors, kinds = {}, {}
     for source, kwargs, layers in SOURCES:
         built = build_lycoris(source, **kwargs)
@@ -67,7 +67,6 @@ def mixed(tmp_path_factory):
     tensors[f"{attn2}.lora_up.weight"] = torch.randn(320, 2)
     tensors[f"{attn2}.alpha"] = torch.tensor(1.0)
     kinds[attn2] = "lora"
-    tensors["lora_unet_lin.hada_w1_a"] = torch.randn(4, 2)  # half a LoHa: no signature
     tensors["lora_unet_stray.something_else"] = torch.randn(3)
     path = tmp_path_factory.mktemp("inspect") / "mixed.safetensors"
     save_file(tensors, str(path), metadata=METADATA)
@@ -95,7 +94,7 @@ def test_inspect_json_summary(mixed):
     assert summary["layers"] == len(kinds)
     assert summary["family"] == "sd1"
     assert summary["key_format"] == "lycoris"
-    assert summary["unmatched"] == ["lora_unet_lin.hada_w1_a", "lora_unet_stray.something_else"]
+    assert summary["unmatched"] == ["lora_unet_stray.something_else"]
     # rank: LoRA-like layers' ranks from their factors
     ranks = {}
     for module in kinds:

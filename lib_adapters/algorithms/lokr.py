@@ -2,7 +2,7 @@
 
 The factor sizes (O = a·b, I = c·d) come from the shapes; γ = alpha / rank when a factor is split
 (rank of w2's split if any, else w1's), else 1 — LyCORIS, A1111, ComfyUI and Forge agree (PEFT differs, D7:
-a PEFT config in the file's metadata supplies alpha / r there, see adapter.apply_peft_config). Like LoHa, this is
+a PEFT config in the file's metadata supplies alpha / r there, see peft_config.apply_peft_config). Like LoHa, this is
 the LyCORIS forward, not its `merge_to` (γ applied twice, formats.md §8 D1).
 """
 

@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 from ..errors import AdapterError
+from ..files import json_value
 from .network import builtin_enabled
 from .runtime import RUNTIME
 
@@ -33,6 +33,8 @@ def list_items() -> list[dict]:
         try:
             card = cards.read_card(path)
             item.update(type=card.type_label, rank=card.rank, family=card.family)
+            if card.error:
+                item["error"] = f"{path}: {card.error}"
         except (AdapterError, OSError) as e:
             item["error"] = str(e)
         out.append(item)
@@ -40,9 +42,10 @@ def list_items() -> list[dict]:
 
 
 def _json_or_text(v):
+    """A JSON-object metadata value parsed (bounded depth, finite numbers), anything else as its text."""
     if isinstance(v, str) and v[:1] == "{":
         try:
-            return json.loads(v)
+            return json_value(v)
         except ValueError:
             return v
     return v

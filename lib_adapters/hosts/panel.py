@@ -12,6 +12,7 @@ import os
 import re
 
 from .. import cards
+from ..errors import AdapterError
 
 BUILTIN_LORA_EXTENSIONS = ("Lora", "sd_forge_lora")
 SHOW_ALL_OPTION = "adapters_show_all"
@@ -153,11 +154,14 @@ def card_payload(name: str, card: cards.CardInfo, user: dict, default: float, mi
         "rank_label": card.rank_label,
         "mismatch": mismatch,
         "tags": [t for t, _ in card.training.tags],
+        "error": card.error,
     }
 
 
 def item_prompt(payload: dict) -> str:
     """The host's `prompt` field: a JavaScript expression evaluating to the tag (and activation text)."""
+    if payload["error"]:
+        return js_string("")
     text = cards.tag_text(payload["name"], payload["unet"], payload["te"], payload["order"])
     if payload["activation"]:
         text += " " + payload["activation"]
@@ -165,7 +169,11 @@ def item_prompt(payload: dict) -> str:
 
 
 def description_of(card: cards.CardInfo, user: dict, description_is_html: bool) -> str:
-    """The user's description as they wrote it, else the modelspec description (escaped if the host won't)."""
+    """Why the file cannot be used, else the user's description as they wrote it, else the modelspec description
+    (escaped if the host won't)."""
+    if card.error:
+        text = f"Cannot be used: {card.error}"
+        return html.escape(text) if description_is_html else text
     if user.get("description"):
         return str(user["description"])
     text = card.training.description or card.training.title
@@ -204,8 +212,8 @@ def make_page_class():
             """List the files and read every header (cached by mtime); remember unreadable files."""
             roots = self.roots()
             listed = cards.list_cards(roots)
-            good = [c for c in listed if isinstance(c, cards.CardInfo)]
             self.errors = [str(e) for e in listed if not isinstance(e, cards.CardInfo)]
+            good = [c if isinstance(c, cards.CardInfo) else cards.error_card(c) for c in listed]  # a card each
             self.paths = unique_names([c.path for c in good], roots)
             by_path = {c.path: c for c in good}
             self.cards = {name: by_path[p] for name, p in self.paths.items()}
@@ -225,7 +233,10 @@ def make_page_class():
                 if card is None:
                     return None
             else:
-                card = cards.read_card(card.path)
+                try:
+                    card = cards.read_card(card.path)
+                except AdapterError as e:
+                    card = cards.error_card(e)
                 self.cards[name] = card
             return self.item_for(name, card, index, enable_filter)
 
