@@ -29,8 +29,8 @@ KOHYA_ROOTS = {"model.diffusion_model.": "lora_unet_", "text_encoders.clip_l.tra
                "text_encoders.clip_g.transformer.": "lora_te2_", "text_encoders.t5xxl.transformer.": "lora_te3_"}
 DIT_FAMILIES = ("sd3",)
 # Block layers whose input is the transformer's width (attention, modulation), in either spelling.
-WIDTH_LAYERS = re.compile(r"(joint_blocks|transformer_blocks)[._]\d+[._].*(attn2?[._](qkv|proj|to_[qkv]|add_[qkv]_proj|"
-                          r"to_out|to_add_out)|adaLN_modulation|norm1(_context)?[._]linear)")
+WIDTH_LAYERS = re.compile(r"(joint_blocks|transformer_blocks)[._]\d+[._].*(attn2?[._](qkv|proj|to_[qkv]|"
+                          r"add_[qkv]_proj|to_out|to_add_out)|adaLN_modulation|norm1(_context)?[._]linear)")
 TEXT_ONLY_WIDTH = 1536  # a file without transformer layers needs the text encoders' names only
 
 

@@ -27,7 +27,8 @@ SAI_TARGETS = ["joint_blocks.0.x_block.attn.qkv", "joint_blocks.1.context_block.
 TE_TARGETS = {"text_encoder": ["text_model.encoder.layers.0.self_attn.q_proj", "text_model.encoder.layers.1.mlp.fc2",
                                "text_projection"],
               "text_encoder_2": ["text_model.encoder.layers.1.self_attn.v_proj"],
-              "text_encoder_3": ["encoder.block.0.layer.0.SelfAttention.q", "encoder.block.1.layer.1.DenseReluDense.wi_1"]}
+              "text_encoder_3": ["encoder.block.0.layer.0.SelfAttention.q",
+                                 "encoder.block.1.layer.1.DenseReluDense.wi_1"]}
 TE_PREFIX = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2", "text_encoder_3": "lora_te3"}
 ALGOS = {  # name → create_lycoris options (BOFT needs block-decomposable widths: no 288-row modulation)
     "lora": dict(algo="lora"),

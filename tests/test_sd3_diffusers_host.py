@@ -75,7 +75,8 @@ def test_sai_named_adapters_patch_stacked_diffusers_layers(tmp_path, algo):
     root = ROOTS["transformer"]
     want = dict(ckpt)
     for p, lo in hooked.items():
-        w, b = lycoris_reference(lo, twin.get_submodule(p), S_UNET, (ckpt[root + p + ".weight"], ckpt[root + p + ".bias"]))
+        w0, b0 = ckpt[root + p + ".weight"], ckpt[root + p + ".bias"]
+        w, b = lycoris_reference(lo, twin.get_submodule(p), S_UNET, (w0, b0))
         want[root + p + ".weight"], want[root + p + ".bias"] = w.reshape(ckpt[root + p + ".weight"].shape), b
     want = convert_sd3_transformer_checkpoint_to_diffusers(want)
     adapters = DiffusersAdapters(pipe)

@@ -209,10 +209,12 @@ def test_sd3_and_sdxl_adapters_are_refused_on_each_others_models(base, tmp_path)
     assert "style_a.safetensors" in str(err.value) and "for sd3, the model is sdxl" in str(err.value)
     assert not os.path.exists(tmp_path / "x.safetensors")
     g = torch.Generator().manual_seed(2)
-    xl_lora = {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.randn(2, 640, generator=g),
-               "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.randn(640, 2, generator=g),
-               "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.randn(2, 1280, generator=g),
-               "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.randn(1280, 2, generator=g)}
+    unet = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+    te = "lora_te2_text_model_encoder_layers_0_mlp_fc1"
+    xl_lora = {f"{unet}.lora_down.weight": torch.randn(2, 640, generator=g),
+               f"{unet}.lora_up.weight": torch.randn(640, 2, generator=g),
+               f"{te}.lora_down.weight": torch.randn(2, 1280, generator=g),
+               f"{te}.lora_up.weight": torch.randn(5120, 2, generator=g)}
     save_file(xl_lora, str(tmp_path / "style_b.safetensors"))
     with pytest.raises(AdapterError) as err:
         merge(base_path, [str(tmp_path)], str(tmp_path / "y.safetensors"), "<lora:style_b:1>", log=lambda m: None)

@@ -109,18 +109,22 @@ SPELLINGS = {  # target weight (relative to the SAI root or a text-encoder root)
         "lora_unet_joint_blocks_0_x_block_attn_qkv", "lycoris_joint_blocks_0_x_block_attn_qkv",
         "diffusion_model.joint_blocks.0.x_block.attn.qkv", "joint_blocks.0.x_block.attn.qkv"],
     ("final_layer.adaLN_modulation.1", None, True): ["transformer.norm_out.linear", "lora_transformer_norm_out_linear"],
-    ("joint_blocks.2.context_block.adaLN_modulation.1", None, True): ["transformer.transformer_blocks.2.norm1_context.linear"],
-    ("joint_blocks.1.context_block.adaLN_modulation.1", None, False): ["transformer.transformer_blocks.1.norm1_context.linear",
-                                                                       "lora_unet_joint_blocks_1_context_block_adaLN_modulation_1"],
+    ("joint_blocks.2.context_block.adaLN_modulation.1", None, True): [
+        "transformer.transformer_blocks.2.norm1_context.linear"],
+    ("joint_blocks.1.context_block.adaLN_modulation.1", None, False): [
+        "transformer.transformer_blocks.1.norm1_context.linear",
+        "lora_unet_joint_blocks_1_context_block_adaLN_modulation_1"],
     ("x_embedder.proj", None, False): ["transformer.pos_embed.proj", "lora_unet_x_embedder_proj"],
     ("text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj", None, False): [
-        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj", "text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
         "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj",
         "clip_l.text_model.encoder.layers.0.self_attn.q_proj"],
     ("text_encoders.clip_g.transformer.text_projection", None, False): [
         "lora_te2_text_projection", "text_encoder_2.text_projection"],
     ("text_encoders.t5xxl.transformer.encoder.block.1.layer.1.DenseReluDense.wi_0", None, False): [
-        "lora_te3_encoder_block_1_layer_1_DenseReluDense_wi_0", "text_encoder_3.encoder.block.1.layer.1.DenseReluDense.wi_0",
+        "lora_te3_encoder_block_1_layer_1_DenseReluDense_wi_0",
+        "text_encoder_3.encoder.block.1.layer.1.DenseReluDense.wi_0",
         "t5.encoder.block.1.layer.1.DenseReluDense.wi_0",
         "text_encoders.t5xxl.transformer.encoder.block.1.layer.1.DenseReluDense.wi_0"],
 }

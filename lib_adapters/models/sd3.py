@@ -1,5 +1,6 @@
 """SD3/SD3.5 models for tests and benchmarks: seeded diffusers components (MMDiT, CLIP-L, CLIP-G, T5) and their
-single-file checkpoint twin (SAI `model.diffusion_model.joint_blocks…` + `text_encoders.{clip_l,clip_g,t5xxl}.transformer.`).
+single-file checkpoint twin (SAI `model.diffusion_model.joint_blocks…` + `text_encoders.{clip_l,clip_g,t5xxl}.
+transformer.`).
 
 The twin is built by the naming tables of `naming.sd3` (q/k/v fused by row blocks, `norm_out` and the last
 `norm1_context` swapped to (shift, scale)); diffusers' own SD3 single-file converter reads it back exactly.

@@ -61,9 +61,6 @@ BLOCK_DIFFUSERS_TO_SAI = {v: k for k, v in BLOCK_SAI_TO_DIFFUSERS.items()}
 PART_OF = {proj: (fused, part) for fused, projs in FUSED_QKV.items() for part, proj in enumerate(projs)}
 SWAPPED_TOP = "final_layer.adaLN_modulation.1"
 SWAPPED_LAST_BLOCK = "context_block.adaLN_modulation.1"
-# Names only an MMDiT has, in either spelling (checkpoint keys or module paths, any root).
-SAI_MARKER = re.compile(r"(^|\.)joint_blocks\.\d+\.(x_block|context_block)\.")
-DIFFUSERS_MARKER = re.compile(r"(^|\.)transformer_blocks\.\d+\.(attn\.add_q_proj|norm1_context\.linear|attn2\.to_q)")
 
 _SAI_BLOCK = re.compile(r"joint_blocks\.(\d+)\.(.+)$")
 _DIFFUSERS_BLOCK = re.compile(r"transformer_blocks\.(\d+)\.(.+)$")

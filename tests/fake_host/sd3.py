@@ -37,7 +37,8 @@ class RMSNorm(nn.Module):
 
 
 def mmdit(qk_norm: bool = False, attn2_layers=(), depth: int = DEPTH) -> nn.Module:
-    """The SAI MMDiT tree (`joint_blocks.N.{context,x}_block…`, embedders, final layer); last context block pre-only."""
+    """The SAI MMDiT tree (`joint_blocks.N.{context,x}_block…`, embedders, final layer); the last context block is
+    pre-only."""
     m = nn.Module()
     put(m, "x_embedder.proj", nn.Conv2d(16, H, 2, stride=2))
     put(m, "t_embedder.mlp.0", nn.Linear(256, H))
@@ -191,7 +192,8 @@ SD3_KEYS = {
     "lora_te1_text_model_encoder_layers_0_self_attn_q_proj":
         ("clip_l", "text_model.encoder.layers.0.self_attn.q_proj", None, False),
     "lora_te2_text_model_encoder_layers_1_mlp_fc1": ("clip_g", "text_model.encoder.layers.1.mlp.fc1", None, False),
-    "lora_te3_encoder_block_0_layer_0_SelfAttention_q": ("t5xxl", "encoder.block.0.layer.0.SelfAttention.q", None, False),
+    "lora_te3_encoder_block_0_layer_0_SelfAttention_q":
+        ("t5xxl", "encoder.block.0.layer.0.SelfAttention.q", None, False),
     "lora_te3_encoder_block_1_layer_1_DenseReluDense_wi_1":
         ("t5xxl", "encoder.block.1.layer.1.DenseReluDense.wi_1", None, False),
 }
@@ -203,7 +205,8 @@ def host_param(flavour: str, module: str, path: str) -> str:
     """The live parameter name of a module's weight as the fake host's `params()` lists it."""
     if flavour == "forge":
         return ("u.diffusion_model." if module == "mmdit" else f"c.{module}.transformer.") + path + ".weight"
-    return ("model.diffusion_model." if module == "mmdit" else f"text_encoders.{module}.transformer.") + path + ".weight"
+    root = "model.diffusion_model." if module == "mmdit" else f"text_encoders.{module}.transformer."
+    return root + path + ".weight"
 
 
 def write_sd3_lora(path, params: dict, flavour: str, keys, rank=2, alpha=1.0, seed=0, metadata=None):
