@@ -168,3 +168,13 @@ def test_sai_spellings_on_a_diffusers_model_name_the_stacked_q_k_v():
     assert t.weight == "transformer.transformer_blocks.0.attn2.to_k.weight" and t.rows is None
     (t,) = lm.resolve("lora_te3_encoder_block_0_layer_0_SelfAttention_q")
     assert t.weight == "text_encoder_3.encoder.block.0.layer.0.SelfAttention.q.weight" and t.component == "te"
+
+
+def test_names_only_maps_leave_swapped_layers_unmatched_rather_than_guess():
+    from lib_adapters.naming import LayerMap
+
+    ckpt = sd3_to_checkpoint(build_sd3("sd3.5-medium", seed=3, components=("transformer",)))
+    lm = LayerMap.for_checkpoint(list(ckpt))  # names, no shapes
+    assert lm.family == "sd3"
+    assert lm.resolve("transformer.norm_out.linear") == []
+    assert lm.resolve("lora_unet_final_layer_adaLN_modulation_1")[0].order is None  # SAI names need no reordering

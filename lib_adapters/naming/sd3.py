@@ -178,8 +178,10 @@ def add_checkpoint_routes(lm, shapes, root: str) -> None:
             for dpath, part in twins_of:
                 diffusers[underscore(dpath)] = sai[underscore(f"{path}.{part}")] = Slot(w, b, "unet", part=part)
         elif twins_of:
-            order = halves(rows) if rows and is_swapped(path, last) else None
-            diffusers[underscore(twins_of[0][0])] = Slot(w, b, "unet", order=order)
+            swapped = is_swapped(path, last)
+            if swapped and not rows:
+                continue  # names only: which rows are halves is unknowable, so the layer stays unmatched
+            diffusers[underscore(twins_of[0][0])] = Slot(w, b, "unet", order=halves(rows) if swapped else None)
     lm._add(SAI_PREFIXES, sai)
     lm._add(DIFFUSERS_PREFIXES, diffusers)
     add_text_encoder_routes(lm, shapes)
@@ -218,19 +220,22 @@ def add_diffusers_routes(lm, shapes, root: str = "transformer.") -> None:
             continue
         spath, part = mapped
         if part is None:
-            order = halves(shapes[w][0]) if is_swapped(spath, last) and shapes.get(w) else None
-            sai[underscore(spath)] = Slot(w, b, "unet", order=order)
+            swapped = is_swapped(spath, last)
+            if swapped and not shapes.get(w):
+                continue  # names only: see add_checkpoint_routes
+            sai[underscore(spath)] = Slot(w, b, "unet", order=halves(shapes[w][0]) if swapped else None)
         else:
             fused.setdefault(spath, {})[part] = (w, b)
             sai[underscore(f"{spath}.{part}")] = Slot(w, b, "unet")
     for spath, parts in fused.items():
-        if sorted(parts) == [0, 1, 2]:
+        if sorted(parts) == [0, 1, 2] and all(shapes.get(w) for w, _ in parts.values()):
             w, b = lm.fuse([parts[0], parts[1], parts[2]])
             sai[underscore(spath)] = Slot(w, b, "unet")
     lm._add(SAI_PREFIXES, sai)
 
 
 def add_diffusers_text_encoders(lm, shapes, components) -> None:
+    """CLIP-L (`text_encoder`), CLIP-G (`text_encoder_2`) and T5 (`text_encoder_3`) of a StableDiffusion3Pipeline."""
     from . import diffusers_clip_table
 
     for comp, (_, prefixes) in (("text_encoder", CLIP_L), ("text_encoder_2", CLIP_G)):
