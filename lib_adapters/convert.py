@@ -5,7 +5,7 @@ carried in `lora_adapter_metadata` (alpha_pattern/rank_pattern, exact) or folded
 go to PEFT's own layouts (`--to peft`); what PEFT or diffusers cannot represent is refused (AdapterError). Metadata
 (ss_*, modelspec.*) is kept; kohya → diffusers → kohya gives back the same tensors and metadata.
 Names are found through the naming tables (LayerMap) of a reference model built from the shipped configs; SD3
-files (fused q/k/v, swapped modulations) go through `convert_dit`, Flux files (kohya-Flux ↔ diffusers-Flux, fused
+files (fused q/k/v, swapped modulations) go through `convert_sd3`, Flux files (kohya-Flux ↔ diffusers-Flux, fused
 layers split and joined exactly) through `convert_flux`.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import convert_dit
+from . import convert_sd3
 from .adapter import BUNDLED_EMBEDDING_PREFIX, Adapter
 from .algorithms import kind_name
 from .algorithms.base import rank_scale
@@ -28,7 +28,7 @@ from .files import DTYPE_NAMES, DTYPES, load_tensors, read_header, save_tensors
 from .keys import group_keys
 
 TARGETS = ("diffusers", "peft", "kohya")
-FAMILIES = ("sd1", "sd2", "sdxl") + convert_dit.DIT_FAMILIES + ("flux",)
+FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux")
 FIRST_FACTORS = ("lora_up.weight", "hada_w1_a", "lokr_w1", "lokr_w1_a")  # scaling one factor scales ΔW
 HINT_KEY = "lib_adapters.kohya_source"  # what a kohya → diffusers/peft conversion needs to come back exactly
 PEFT_LAYOUTS = {"lora", "locon", "loha", "lokr"}
@@ -145,8 +145,8 @@ def to_peft(path: str, tensors: dict, metadata: dict, family: str | None, target
         from . import convert_flux
         return convert_flux.to_peft(path, tensors, metadata, target, fold_scale)
     family = _family(adapter, family)
-    if family in convert_dit.DIT_FAMILIES:
-        return convert_dit.to_diffusers(path, tensors, metadata, family, target, fold_scale)
+    if family == "sd3":
+        return convert_sd3.to_diffusers(path, tensors, metadata, target, fold_scale)
     layer_map, _ = reference_model(family)
     groups, unmatched = group_keys(tensors)
     kept = {k: tensors[k] for k in unmatched if k.startswith(BUNDLED_EMBEDDING_PREFIX)}
@@ -224,8 +224,8 @@ def to_kohya(path: str, tensors: dict, metadata: dict, family: str | None) -> tu
         from . import convert_flux
         return convert_flux.to_kohya(path, tensors, metadata)
     family = _family(adapter, family)
-    if family in convert_dit.DIT_FAMILIES:
-        return convert_dit.to_kohya(path, tensors, metadata, family)
+    if family == "sd3":
+        return convert_sd3.to_kohya(path, tensors, metadata)
     layer_map, _ = reference_model(family)
     kohya_of = kohya_names(family)
     try:

@@ -1,4 +1,4 @@
-"""`convert` for transformer (DiT) families, SD3/SD3.5 today: kohya/LyCORIS SAI names (fused `qkv`, SAI's
+"""`convert` for SD3/SD3.5: kohya/LyCORIS SAI names (fused `qkv`, SAI's
 (shift, scale) modulation order) ↔ diffusers/PEFT names (to_q/to_k/to_v, diffusers' (scale, shift)); LoRA, LoCon
 and DoRA on the output axis.
 
@@ -27,21 +27,20 @@ DIFFUSERS_NAMES = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_
 KOHYA_NAMES = {"lora_down.weight": "lora_down.weight", "lora_up.weight": "lora_up.weight"}
 KOHYA_ROOTS = {"model.diffusion_model.": "lora_unet_", "text_encoders.clip_l.transformer.": "lora_te1_",
                "text_encoders.clip_g.transformer.": "lora_te2_", "text_encoders.t5xxl.transformer.": "lora_te3_"}
-DIT_FAMILIES = ("sd3",)
 # Block layers whose input is the transformer's width (attention, modulation), in either spelling.
 WIDTH_LAYERS = re.compile(r"(joint_blocks|transformer_blocks)[._]\d+[._].*(attn2?[._](qkv|proj|to_[qkv]|"
                           r"add_[qkv]_proj|to_out|to_add_out)|adaLN_modulation|norm1(_context)?[._]linear)")
 TEXT_ONLY_WIDTH = 1536  # a file without transformer layers needs the text encoders' names only
 
 
-def reference_maps(family: str, adapter: Adapter):
-    """(diffusers-named LayerMap, SAI-named LayerMap) of a full `family` model as wide as the adapter's blocks."""
+def reference_maps(adapter: Adapter):
+    """(diffusers-named LayerMap, SAI-named LayerMap) of a full SD3 model as wide as the adapter's blocks."""
     from .models.sd3 import reference_shapes
     from .naming import LayerMap
 
     widths = {p.in_dim for k, p in adapter.layers.items() if WIDTH_LAYERS.search(k)}
     if len(widths) > 1 or None in widths:
-        raise AdapterError(adapter.path, f"cannot tell the {family} model's width from the file (block input widths "
+        raise AdapterError(adapter.path, f"cannot tell the SD3 model's width from the file (block input widths "
                                          f"{sorted(w for w in widths if w)}); not converted")
     try:
         shapes = reference_shapes(widths.pop() if widths else TEXT_ONLY_WIDTH)
@@ -80,14 +79,13 @@ def _magnitude(params: dict) -> torch.Tensor | None:
     return None if t is None else t.reshape(-1)
 
 
-def to_diffusers(path: str, tensors: dict, metadata: dict, family: str, target: str, fold_scale: bool
-                 ) -> tuple[dict, dict]:
+def to_diffusers(path: str, tensors: dict, metadata: dict, target: str, fold_scale: bool) -> tuple[dict, dict]:
     """(tensors, metadata) in diffusers/PEFT names (`transformer.`, `text_encoder[_2|_3].`), scales in
     `lora_adapter_metadata` (or folded into B); fused SAI layers split into their diffusers parts."""
     from .convert import HINT_KEY, _peft_config, effective_alpha, refuse_unmatched
 
     adapter = Adapter.from_tensors(tensors, metadata, path)
-    layer_map, _ = reference_maps(family, adapter)
+    layer_map, _ = reference_maps(adapter)
     groups, unmatched = group_keys(tensors)
     refuse_unmatched(path, unmatched)
     out: dict[str, torch.Tensor] = {}
@@ -99,7 +97,7 @@ def to_diffusers(path: str, tensors: dict, metadata: dict, family: str, target: 
         _check_layer(path, module, patch)
         found = layer_map.resolve(module, patch)
         if not found or found[0].rows is not None:
-            raise AdapterError(path, f"layer {module!r} matches no layer of a {family} model; not converted")
+            raise AdapterError(path, f"layer {module!r} matches no layer of an SD3 model; not converted")
         t = found[0]
         inner = getattr(patch, "inner", patch)
         rank, alpha = inner.rank, effective_alpha(inner)
@@ -181,13 +179,13 @@ def _stack(path: str, weight: str, rows: int, parts: list) -> dict[str, torch.Te
     return out
 
 
-def to_kohya(path: str, tensors: dict, metadata: dict, family: str) -> tuple[dict, dict]:
+def to_kohya(path: str, tensors: dict, metadata: dict) -> tuple[dict, dict]:
     """(tensors, metadata) in kohya SAI names (`lora_unet_joint_blocks_…`, `lora_te1/2/3_…`) with an `alpha` per
     layer; diffusers q/k/v parts stack into the fused layer."""
     from .convert import HINT_KEY, effective_alpha, refuse_unmatched
 
     adapter = Adapter.from_tensors(tensors, metadata, path)
-    _, layer_map = reference_maps(family, adapter)
+    _, layer_map = reference_maps(adapter)
     try:
         hint = json.loads(metadata.get(HINT_KEY) or "{}")
     except json.JSONDecodeError:
@@ -201,7 +199,7 @@ def to_kohya(path: str, tensors: dict, metadata: dict, family: str) -> tuple[dic
         _check_layer(path, module, patch)
         found = layer_map.resolve(module, patch)
         if not found:
-            raise AdapterError(path, f"layer {module!r} matches no layer of a {family} model; not converted")
+            raise AdapterError(path, f"layer {module!r} matches no layer of an SD3 model; not converted")
         by_weight[found[0].weight].append((found[0], module, params, patch))
     out: dict[str, torch.Tensor] = {}
     for weight, items in by_weight.items():
