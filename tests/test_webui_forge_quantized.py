@@ -196,3 +196,33 @@ def test_a_schedule_on_quantized_layers_sets_numbers_each_step_and_never_writes_
     assert all(f == forms[1] for f in forms[1:])  # built once (step 2), then numbers only
     after = stored_bytes(engine)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_fp8_sd3_fused_qkv_rows_and_swapped_halves_take_the_forward_path(host):
+    """A DiT on fp8: q/k/v adapters on row thirds of the fused qkv, and adaLN halves swapped (Target.order), from a
+    kohya and a diffusers file stacked; each layer computes its fp8 weight plus both exact deltas."""
+    from fake_host.models import quantize_unet
+    from fake_host.sd3 import ATTN2_KEY, SD3_KEYS, forge_sd3_engine, write_sd3_lora
+
+    engine = host.use(forge_sd3_engine(seed=1))
+    mmdit = [k for k, v in SD3_KEYS.items() if v[0] == "mmdit"]
+    kohya = write_sd3_lora(os.path.join(host.lora_dir, "k.safetensors"), host.params(), "forge",
+                           [k for k in mmdit if k.startswith("lora_")], alpha=4.0, seed=2)
+    peft = write_sd3_lora(os.path.join(host.lora_dir, "d.safetensors"), host.params(), "forge",
+                          [k for k in mmdit if k.startswith("transformer.")] + [ATTN2_KEY], seed=3)
+    assert any(rows for v in peft.values() for _, rows, _ in v)
+    quantize_unet(engine.forge_objects_original.unet.model, "fp8")
+    before = stored_bytes(engine)
+    res, _, _ = host.generate("<lora:k:0.7:0.3> <lora:d:-0.5:0.2>")
+    assert not res.comments, res.comments
+    names = sorted(set(kohya) | set(peft))
+    assert host.runtime.last_stats["forward"] == len(names)
+    for name in names:
+        layer = unet_module(engine, name)
+        weight = dequantized(layer.weight)
+        want = expected({name: weight}, [({name: kohya.get(name, [])}, 0.7, 0.7), ({name: peft.get(name, [])}, -0.5, -0.5)])
+        x = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(2))
+        ref = torch.nn.functional.linear(x.double(), want[name], layer.bias.double())
+        assert float((layer(x).double() - ref).abs().max() / ref.abs().max()) < 1e-5, name
+    after = stored_bytes(engine)
+    assert all(torch.equal(before[k], after[k]) for k in before)
