@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .algorithms import DeltaPatch, LayerPatch
 from .algorithms.base import compute_dtype, fetch
+from .algorithms.into import Workspace
 from .algorithms.lora import LoRAPatch
 from .errors import AdapterError, ShapeMismatch
 
@@ -158,65 +159,102 @@ def _low_rank(patch: LayerPatch, w: Tensor) -> tuple[Tensor, Tensor, float] | No
     return fetch(up, w), fetch(down, w), patch.scale
 
 
-def _merge_one(op: Operation, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """One operation on (w, b), on its row block in the adapter's row order; plain LoRA is one in-place addmm."""
+def _bias_after(op: Operation, bias: Tensor | None, cd: torch.dtype) -> Tensor | None:
+    """The bias after `op` (what its `merge` returns): additive patches add s·Δb, the others keep it."""
+    if isinstance(op.patch, DeltaPatch):
+        return op.patch.bias_after(bias, op.strength, cd)
+    return bias
+
+
+def _merge_one(op: Operation, w: Tensor, b: Tensor | None, ws: Workspace) -> Tensor | None:
+    """One operation on (w, b) in place, on its row block in the adapter's row order; returns the new bias. Plain
+    LoRA is one in-place addmm, patches with a `merge_into` write straight into w (the same bits as their `merge`,
+    see algorithms/into.py)."""
     if op.target.cols is not None:  # leading input channels only: the same as zero-padding ΔW on that axis
         lo, hi = op.target.cols
         new_w, b = op.patch.merge(w[:, lo:hi], op.strength, b)
         w[:, lo:hi] = new_w
-        return w, b
+        return b
     whole = op.target.rows is None and op.target.order is None
     part = w if whole else rows_view(w, op.target)
     factors = _low_rank(op.patch, part) if op.target.order is None else None
     if factors is not None:
         up, down, scale = factors
         part.view(part.shape[0], -1).addmm_(up, down, alpha=op.strength * scale)
-        return w, b
+        return b
+    sub_b = rows_view(b, op.target) if b is not None and not whole else b
+    if hasattr(op.patch, "merge_into") and part.is_contiguous():
+        op.patch.merge_into(part, op.strength, part, ws)
+        new_w, new_b = part, _bias_after(op, sub_b, w.dtype)
+    else:
+        new_w, new_b = op.patch.merge(part, op.strength, sub_b)
     if whole:
-        return op.patch.merge(w, op.strength, b)
-    sub_b = rows_view(b, op.target) if b is not None else None
-    new_w, new_b = op.patch.merge(part, op.strength, sub_b)
+        if new_w is not w:
+            w.copy_(new_w)
+        return new_b
     write_rows(w, op.target, new_w)
     if new_b is not None and b is not None:
         write_rows(b, op.target, new_b)
-    return w, b
+    return b
 
 
-def compute(ops: list[Operation], weight: Tensor, bias: Tensor | None,
-            out: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-    """Apply `ops` in order to (weight, bias), each on its row block; returns compute-dtype tensors.
+def _first_into(op: Operation, weight: Tensor, w: Tensor, ws: Workspace) -> bool:
+    """Run a whole-weight first operation from `weight` straight into `w` (compute dtype, or the live weight's own
+    dtype when `w` is it); False when it has no such path (then `w` is left untouched)."""
+    if op.target.rows is not None or op.target.cols is not None or op.target.order is not None \
+            or not weight.is_contiguous():
+        return False
+    cd = compute_dtype(weight)
+    factors = _low_rank(op.patch, weight) if weight.dtype == cd and w.dtype == cd else None
+    if factors is not None:  # W' = W + s·γ·up@down in one pass over W
+        up, down, scale = factors
+        torch.addmm(weight.view(weight.shape[0], -1), up, down, alpha=op.strength * scale, out=w.view(w.shape[0], -1))
+        return True
+    if _low_rank(op.patch, w) is not None or not hasattr(op.patch, "merge_into"):
+        return False  # fp16/bf16 LoRA: one addmm_ on the compute-dtype copy, as before
+    op.patch.merge_into(weight, op.strength, w, ws)
+    return True
 
-    `out` (optional): a tensor of the weight's shape in the compute dtype to build the result in (a live weight);
-    it is returned as the result when used, and holds `weight` again if an operation fails.
+
+def compute(ops: list[Operation], weight: Tensor, bias: Tensor | None, out: Tensor | None = None,
+            workspace: Workspace | None = None) -> tuple[Tensor, Tensor | None]:
+    """Apply `ops` in order to (weight, bias), each on its row block; returns compute-dtype tensors, or `out`.
+
+    `out` (optional): a tensor of the weight's shape (a live weight, any floating dtype) to build the result in: the
+    math runs in the compute dtype and is cast into it once; it is returned as the result when used, and holds
+    `weight` again if an operation fails. `workspace`: buffers reused from call to call (none: fresh ones).
     """
     cd = compute_dtype(weight)
+    ws = workspace if workspace is not None else Workspace()
     active = [op for op in ops if op.strength != 0]
-    usable = (out is not None and out.dtype == cd and out.shape == weight.shape and out.device == weight.device
+    usable = (out is not None and out.is_floating_point() and out.shape == weight.shape and out.device == weight.device
               and out.is_contiguous() and out.data_ptr() != weight.data_ptr())
-    src = weight if weight.dtype == cd else weight.to(cd)
-    whole = active and active[0].target.rows is None and active[0].target.cols is None and active[0].target.order is None
-    first = _low_rank(active[0].patch, src) if whole else None
-    if first is not None:  # W' = W + s·γ·up@down in one pass over W, straight into the destination
-        up, down, scale = first
-        alpha = active[0].strength * scale
-        if src is not weight:  # already a fresh compute-dtype copy (fp16/bf16 weight): add in place
-            w = src
-            w.view(w.shape[0], -1).addmm_(up, down, alpha=alpha)
-        else:
-            w = out if usable else torch.empty_like(src, memory_format=torch.contiguous_format)
-            torch.addmm(src.reshape(src.shape[0], -1), up, down, alpha=alpha, out=w.view(w.shape[0], -1))
-        active = active[1:]
-    elif usable:
-        w = out.copy_(src)
-    else:
-        w = src.clone() if src is weight else src
     b = bias.to(cd, copy=True) if bias is not None else None
+    op = active[0] if active else None
     try:
+        if usable and out.dtype != cd and len(active) == 1 and _first_into(op, weight, out, ws):
+            return out, _bias_after(op, b, cd)  # one operation on a fp16/bf16 weight: computed and cast by chunks
+        if usable and out.dtype == cd:
+            w = out
+        elif usable:
+            w = ws.whole(0, weight.shape, cd, weight.device)  # cast into `out` once at the end
+        else:
+            w = torch.empty(weight.shape, dtype=cd, device=weight.device)
+        if op is not None and _first_into(op, weight, w, ws):
+            b = _bias_after(op, b, cd)
+            active = active[1:]
+        else:
+            w.copy_(weight)
         for op in active:
-            w, b = _merge_one(op, w, b)
+            b = _merge_one(op, w, b, ws)
+        if usable and w is not out:
+            out.copy_(w)
+            w = out
     except (ShapeMismatch, RuntimeError, IndexError) as e:  # a layer whose tensors do not fit, caught late
         if usable:
             out.copy_(weight)
+        if op is None:
+            raise
         path, _, rest = op.source.partition("|")
         raise AdapterError(path, f"layer {rest.rpartition('|')[2] or op.target.weight!r} does not fit "
                                  f"{op.target.weight}: {e}") from None
@@ -246,6 +284,7 @@ class Patcher:
         self.originals: dict[str, Tensor] = {}
         self.applied: dict[str, tuple] = {}
         self.bias_of: dict[str, str] = {}
+        self.workspace = Workspace()  # compute buffers reused from weight to weight; released when nothing is applied
 
     def _original(self, name: str) -> Tensor:
         if name not in self.originals:
@@ -282,9 +321,12 @@ class Patcher:
             current = self.store.get(name)
             weight = self._original(name).to(current.device)  # compute where the model lives (GPU), not on the backup
             bias = self._original(bias_name).to(current.device) if bias_name and self.store.has(bias_name) else None
-            live = current if getattr(self.store, "in_place", False) else None
+            if getattr(self.store, "in_place", False):
+                live = current
+            else:  # the store takes a new tensor: build it in the store's dtype (cast once, no float32 copy)
+                live = torch.empty(current.shape, dtype=current.dtype, device=current.device)
             try:
-                new_w, new_b = compute(ops, weight, bias, out=live)
+                new_w, new_b = compute(ops, weight, bias, out=live, workspace=self.workspace)
             except AdapterError:
                 self._reset_one(name, bias_name if bias is not None else None)
                 raise
@@ -294,6 +336,8 @@ class Patcher:
                 self.bias_of[name] = bias_name
             self.applied[name] = signature
             stats["recomputed"] += 1
+        if not self.applied:
+            self.workspace.release()
         return stats
 
     def _reset_one(self, name: str, bias_name: str | None) -> None:

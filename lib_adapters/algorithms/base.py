@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ShapeMismatch
+from .into import add_into, cast_into
 
 Params = dict[str, Tensor]
 
@@ -122,11 +123,30 @@ class DeltaPatch(LayerPatch):
         cd = compute_dtype(weight)
         w = weight.to(cd)
         new_w = w + self.delta(w, strength) if strength != 0 else w
+        return new_w, self.bias_after(bias, strength, cd)
+
+    def bias_after(self, bias: Tensor | None, strength: float, cd: torch.dtype) -> Tensor | None:
+        """b + s·Δb in `cd` (the weight's compute dtype); `bias` itself when nothing changes it."""
         db = self.delta_bias(bias)
-        new_b = bias
         if db is not None and bias is not None and strength != 0:
-            new_b = bias.to(cd) + strength * db.to(device=bias.device, dtype=cd).reshape(bias.shape)
-        return new_w, new_b
+            return bias.to(cd) + strength * db.to(device=bias.device, dtype=cd).reshape(bias.shape)
+        return bias
+
+    def delta_into(self, src: Tensor, multiplier: float, out: Tensor, ws) -> None:
+        """`out` (compute dtype, shaped like `src`) = delta(src, multiplier), bit for bit; overridden where ΔW can be
+        built without a temporary."""
+        w = src if src.dtype == out.dtype else src.to(out.dtype)
+        out.copy_(self.delta(w, multiplier))
+
+    def merge_into(self, src: Tensor, strength: float, dst: Tensor, ws) -> None:
+        """`dst` = merge(src, strength)[0] bit for bit, cast once to dst's dtype; `dst` may be `src` (into.py)."""
+        self.check(src)
+        cd = compute_dtype(src)
+        if strength == 0:
+            return cast_into(src, dst)
+        delta = dst if dst.dtype == cd and dst.data_ptr() != src.data_ptr() else ws.whole(1, src.shape, cd, src.device)
+        self.delta_into(src, strength, delta, ws)
+        add_into(src, delta, dst, ws)
 
 
 def as_kernel(t: Tensor, shape: tuple[int, ...]) -> Tensor:

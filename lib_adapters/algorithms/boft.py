@@ -15,7 +15,26 @@ from torch import Tensor
 from ..errors import ShapeMismatch
 from .base import LayerPatch, Params, as_float, compute_dtype, fetch
 from .forms import Butterfly
+from .into import cast_into
 from .oft import blend_rescale, cayley
+
+
+def butterfly_into(src: Tensor, rotations: Tensor, ws) -> Tensor:
+    """`butterfly(src, rotations)` with the same bmm per stage, its permutations copied between two reused
+    compute-dtype buffers (workspace slots 1 and 2) instead of fresh tensors; returns the buffer holding the result."""
+    m, n, b, _ = rotations.shape
+    rows, rest = src.shape[0], src.shape[1:]
+    shape = (rows, *rest)
+    buffers = (ws.whole(1, shape, rotations.dtype, src.device), ws.whole(2, shape, rotations.dtype, src.device))
+    x = src
+    for i in range(m):
+        k = (2**i) * (b // 2)
+        grouped, product = buffers[i % 2], buffers[(i + 1) % 2]  # alternate, so `x` is never overwritten early
+        grouped.view(rows // (2 * k), k, 2, -1).copy_(x.reshape(rows // (2 * k), 2, k, -1).transpose(1, 2))
+        torch.bmm(rotations[i], grouped.view(n, b, -1), out=product.view(n, b, -1))
+        grouped.view(rows // (2 * k), 2, k, -1).copy_(product.view(rows // (2 * k), k, 2, -1).transpose(1, 2))
+        x = grouped
+    return x
 
 
 def butterfly(weight: Tensor, rotations: Tensor) -> Tensor:
@@ -58,15 +77,19 @@ class BOFTPatch(LayerPatch):
     def block_size(self) -> int:
         return int(self.blocks.shape[2])
 
+    def strength_rotations(self, like: Tensor, strength: float) -> Tensor:
+        """I + s·(R_i − I) for every stage, in the compute dtype of `like`."""
+        r = cayley(fetch(self.blocks, like), self.constraint_alpha * self.out_dim)
+        eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
+        return eye + strength * (r - eye)
+
     def merge(self, weight, strength, bias=None):
         self.check(weight)
         cd = compute_dtype(weight)
         w = weight.to(cd)
         if strength == 0:
             return w, bias
-        r = cayley(fetch(self.blocks, w), self.constraint_alpha * self.out_dim)
-        eye = torch.eye(r.shape[-1], dtype=cd, device=w.device)
-        out = butterfly(w, eye + strength * (r - eye))
+        out = butterfly(w, self.strength_rotations(w, strength))
         scale = blend_rescale(self.rescale, strength, w)
         if scale is not None:
             out = out * scale.reshape(-1, *[1] * (w.ndim - 1))
@@ -77,3 +100,13 @@ class BOFTPatch(LayerPatch):
         blocks = self.blocks.float() if self.blocks.dtype != torch.float64 else self.blocks
         rescale = None if self.rescale is None else self.rescale.float().reshape(-1)
         return Butterfly(cayley(blocks, self.constraint_alpha * self.out_dim), rescale)
+
+    def merge_into(self, src, strength, dst, ws):
+        self.check(src)
+        if strength == 0:
+            return cast_into(src, dst)
+        out = butterfly_into(src, self.strength_rotations(src, strength), ws)
+        scale = blend_rescale(self.rescale, strength, src)
+        if scale is not None:
+            out.mul_(scale.reshape(-1, *[1] * (src.ndim - 1)))
+        cast_into(out, dst)

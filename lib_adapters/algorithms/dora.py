@@ -16,14 +16,30 @@ from torch import Tensor
 from ..errors import ShapeMismatch
 from .base import DeltaPatch, LayerPatch, compute_dtype, fetch
 from .forms import ADDITIVE, DoRAForm
+from .into import add_into, cast_into, chunk_rows, in_compute, out_for, row_ranges, store
 
 
-def column_norm(w: Tensor, on_output: bool) -> Tensor:
-    """‖w‖ per output row (shape (O,1,…)) or per input column (shape (1,I,1,…)), plus the dtype's eps as LyCORIS."""
+def _viewable(t: Tensor, shape) -> bool:
+    try:
+        t.view(shape)
+    except RuntimeError:
+        return False
+    return True
+
+
+def column_norm(w: Tensor, on_output: bool, scratch: Tensor | None = None) -> Tensor:
+    """‖w‖ per output row (shape (O,1,…)) or per input column (shape (1,I,1,…)), plus the dtype's eps as LyCORIS.
+
+    `scratch` (optional, w's numel): where the column case puts its transposed copy instead of a new tensor."""
     eps = torch.finfo(w.dtype).eps
     if on_output:
         return w.reshape(w.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (w.ndim - 1)) + eps
-    n = w.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1)
+    t = w.transpose(0, 1)
+    if scratch is None or _viewable(t, (w.shape[1], -1)):
+        columns = t.reshape(w.shape[1], -1)  # a strided view for linear weights, a contiguous copy for k×k convs
+    else:
+        columns = scratch.view(t.shape).copy_(t).view(w.shape[1], -1)  # the copy reshape would make
+    n = columns.norm(dim=1)
     return n.reshape(1, -1, *[1] * (w.ndim - 2)) + eps
 
 
@@ -77,17 +93,21 @@ class DoRAPatch(LayerPatch):
     def tensors(self):
         return self.inner.tensors() + [self.magnitude]
 
+    def scale_factor(self, merged: Tensor, scratch: Tensor | None = None) -> Tensor:
+        """m / ‖W + ΔW‖ on the norm axis, broadcastable over the weight."""
+        norm = column_norm(merged, self.on_output, scratch)
+        m = fetch(self.magnitude, merged)
+        if m.numel() != norm.numel():
+            raise ShapeMismatch(f"DoRA magnitude has {m.numel()} entries, the norm axis has {norm.numel()}")
+        return m.reshape(norm.shape) / norm
+
     def merge(self, weight, strength, bias=None):
         self.check(weight)
         w = weight.to(compute_dtype(weight))
         if strength == 0:
             return w, bias
         merged = w + self.inner.delta(w)
-        norm = column_norm(merged, self.on_output)
-        m = fetch(self.magnitude, w)
-        if m.numel() != norm.numel():
-            raise ShapeMismatch(f"DoRA magnitude has {m.numel()} entries, the norm axis has {norm.numel()}")
-        target = merged * (m.reshape(norm.shape) / norm)
+        target = merged * self.scale_factor(merged)
         return w + strength * (target - w), bias
 
     def forward_form(self, shape):
@@ -97,3 +117,21 @@ class DoRAPatch(LayerPatch):
         if not isinstance(inner, ADDITIVE):
             return None
         return DoRAForm(inner, self.magnitude.float().reshape(-1), self.on_output)
+
+    def merge_into(self, src, strength, dst, ws):
+        """W + ΔW built once in place (dst or slot 1), its norms, then the blend by chunks."""
+        self.check(src)
+        if strength == 0:
+            return cast_into(src, dst)
+        cd = compute_dtype(src)
+        merged = dst if dst.dtype == cd and dst.data_ptr() != src.data_ptr() else ws.whole(1, src.shape, cd, src.device)
+        self.inner.delta_into(src, 1.0, merged, ws)
+        add_into(src, merged, merged, ws)
+        factor = self.scale_factor(merged, None if self.on_output else ws.whole(2, (src.numel(),), cd, src.device))
+        for lo, hi in row_ranges(src.shape[0], chunk_rows(src)):
+            w = in_compute(src[lo:hi], cd, ws, 0)
+            t = torch.mul(merged[lo:hi], factor[lo:hi] if self.on_output else factor, out=merged[lo:hi])
+            torch.sub(t, w, out=t).mul_(strength)
+            out = out_for(dst[lo:hi], cd, ws, 1)
+            torch.add(w, t, out=out)
+            store(out, dst[lo:hi])

@@ -6,17 +6,16 @@ This equals the LyCORIS forward pass, not LyCORIS `merge_to`/`get_merged_weight`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from ..errors import ShapeMismatch
-import math
-
-import torch
-
-from .base import DeltaPatch, Params, as_float, as_kernel, dense_form, fetch, rank_scale, tucker
+from .base import DeltaPatch, Params, as_float, as_kernel, compute_dtype, dense_form, fetch, rank_scale, tucker
 from .forms import LowRank
+from .into import chunk_rows, in_compute, out_for, row_ranges, store
 
 SIGNATURE = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 
@@ -101,3 +100,38 @@ class LoHaPatch(DeltaPatch):
         if form.nbytes() > math.prod(shape) * 4:
             return dense_form(self, shape)
         return form
+
+    def _into(self, src: Tensor, k: float, delta: Tensor, dst: Tensor | None, ws) -> None:
+        """delta = (w1a@w1b) ⊙ (w2a@w2b) · k (the two products whole, as `delta` forms them; the rest by chunks),
+        then dst = src + delta when `dst` is given. Slot 2 holds the first product."""
+        f = lambda t: fetch(t, src)  # noqa: E731
+        w1b, w2b = f(self.w1b).reshape(self.rank, -1), f(self.w2b).reshape(self.w2b.shape[0], -1)
+        rows, cols = self.w1a.shape[0], w1b.shape[1]
+        if rows * cols != src.numel() or (self.w2a.shape[0], w2b.shape[1]) != (rows, cols):
+            raise ShapeMismatch(f"LoHa gives {(rows, cols)}, the weight is {list(src.shape)}")
+        cd = delta.dtype
+        m1 = torch.mm(f(self.w1a), w1b, out=ws.whole(2, (rows, cols), cd, src.device))
+        m2 = torch.mm(f(self.w2a), w2b, out=delta.view(rows, cols))
+        src2 = src.view(rows, cols)
+        dst2 = dst.view(rows, cols) if dst is not None else None
+        for lo, hi in row_ranges(rows, chunk_rows(m2)):
+            x = torch.mul(m1[lo:hi], m2[lo:hi], out=m2[lo:hi])
+            if k != 1.0:  # × 1.0 is exact: skipping it changes no bit
+                x.mul_(k)
+            if dst2 is not None:
+                out = out_for(dst2[lo:hi], cd, ws, 1)
+                torch.add(in_compute(src2[lo:hi], cd, ws, 0), x, out=out)
+                store(out, dst2[lo:hi])
+
+    def delta_into(self, src, multiplier, out, ws):
+        if self.t1 is not None:
+            return super().delta_into(src, multiplier, out, ws)
+        self._into(src, rank_scale(self.alpha_value, self.rank, self.scale_override) * multiplier, out, None, ws)
+
+    def merge_into(self, src, strength, dst, ws):
+        cd = compute_dtype(src)
+        if self.t1 is not None or strength == 0:
+            return super().merge_into(src, strength, dst, ws)
+        self.check(src)
+        delta = dst if dst.dtype == cd and dst.data_ptr() != src.data_ptr() else ws.whole(1, src.shape, cd, src.device)
+        self._into(src, rank_scale(self.alpha_value, self.rank, self.scale_override) * strength, delta, dst, ws)

@@ -15,8 +15,9 @@ import torch
 from torch import Tensor
 
 from ..errors import ShapeMismatch
-from .base import DeltaPatch, Params, as_float, dense_form, fetch, rank_scale, tucker
+from .base import DeltaPatch, Params, as_float, compute_dtype, dense_form, fetch, rank_scale, tucker
 from .forms import Kron
+from .into import cast_into, chunk_rows, in_compute, out_for, row_ranges, store
 
 
 def kron(w1: Tensor, w2: Tensor) -> Tensor:
@@ -99,8 +100,9 @@ class LoKrPatch(DeltaPatch):
         d = (self.w2 if self.w2 is not None else self.w2b).shape[1]
         return int(c * d)
 
-    def delta(self, weight: Tensor, multiplier: float = 1.0) -> Tensor:
-        f = lambda t: fetch(t, weight)  # noqa: E731
+    def kron_factors(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(w1 as (a, c), w2 as (b, d, …)) in the compute dtype of `like`, each built from its split or Tucker form."""
+        f = lambda t: fetch(t, like)  # noqa: E731
         w1 = f(self.w1) if self.w1 is not None else f(self.w1a) @ f(self.w1b)
         if self.w2 is not None:
             w2 = f(self.w2)
@@ -108,7 +110,11 @@ class LoKrPatch(DeltaPatch):
             w2 = tucker(f(self.t2), f(self.w2a), f(self.w2b))
         else:
             w2 = f(self.w2a) @ f(self.w2b)
-        d = kron(w1.reshape(w1.shape[0], -1), w2)
+        return w1.reshape(w1.shape[0], -1), w2
+
+    def delta(self, weight: Tensor, multiplier: float = 1.0) -> Tensor:
+        w1, w2 = self.kron_factors(weight)
+        d = kron(w1, w2)
         if d.numel() != weight.numel():
             raise ShapeMismatch(f"LoKr gives {tuple(d.shape)}, the weight is {list(weight.shape)}")
         return d.reshape(weight.shape) * (rank_scale(self.alpha_value, self.rank, self.scale_override) * multiplier)
@@ -142,3 +148,47 @@ class LoKrPatch(DeltaPatch):
         if a * w2a.shape[0] != shape[0] or c * w2b.shape[1] != shape[1]:
             return dense_form(self, shape)
         return Kron(w1, w2a=w2a, w2b=w2b, scale=scale)
+
+    def _kron_blocks(self, src: Tensor, multiplier: float):
+        """(ΔW's shape as (a·b, c·d·…) rows, build, [(lo, hi, block)] per chunk): `build(x, *block)` writes
+        γ·s·(w1 ⊗ w2) of rows lo:hi into the compute-dtype tensor x, so ΔW is made a cache-sized block at a time."""
+        w1, w2 = self.kron_factors(src)
+        (a, c), b = w1.shape, w2.shape[0]
+        w2f = w2.reshape(b, -1)
+        e = w2f.shape[1]
+        if a * b * c * e != src.numel():
+            raise ShapeMismatch(f"LoKr gives {(a * b, c * w2.shape[1], *w2.shape[2:])}, the weight is {list(src.shape)}")
+        k = rank_scale(self.alpha_value, self.rank, self.scale_override) * multiplier
+
+        def build(x: Tensor, a0: int, a1: int, b0: int, b1: int) -> Tensor:
+            x = torch.mul(w1[a0:a1, None, :, None], w2f[None, b0:b1, None, :], out=x.view(a1 - a0, b1 - b0, c, e))
+            if k != 1.0:  # × 1.0 is exact: skipping it changes no bit
+                x.mul_(k)
+            return x.view(-1, c * e)
+
+        rows = chunk_rows(src.view(a * b, c * e))
+        if rows >= b:  # whole w1 rows per chunk
+            blocks = [(a0 * b, a1 * b, (a0, a1, 0, b)) for a0, a1 in row_ranges(a, rows // b)]
+        else:
+            blocks = [(i * b + b0, i * b + b1, (i, i + 1, b0, b1)) for i in range(a) for b0, b1 in row_ranges(b, rows)]
+        return (a * b, c * e), build, blocks
+
+    def delta_into(self, src, multiplier, out, ws):
+        shape, build, blocks = self._kron_blocks(src, multiplier)
+        out2 = out.view(shape)
+        for lo, hi, block in blocks:
+            build(out2[lo:hi], *block)
+
+    def merge_into(self, src, strength, dst, ws):
+        """W + γ·s·(w1 ⊗ w2) written chunk by chunk: each chunk's Kronecker block is built in the cache, never ΔW."""
+        self.check(src)
+        if strength == 0:
+            return cast_into(src, dst)
+        cd = compute_dtype(src)
+        shape, build, blocks = self._kron_blocks(src, strength)
+        src2, dst2 = src.view(shape), dst.view(shape)
+        for lo, hi, block in blocks:
+            x = build(ws.chunk(2, (hi - lo) * shape[1], cd, src.device), *block)
+            out = out_for(dst2[lo:hi], cd, ws, 1)
+            torch.add(in_compute(src2[lo:hi], cd, ws, 0), x, out=out)
+            store(out, dst2[lo:hi])

@@ -125,3 +125,16 @@ class LoRAPatch(DeltaPatch):
         if self.extra is not None:
             form = Sum(form, Dense(self.extra.float().reshape(shape), self.scale))
         return form
+
+    def delta_into(self, src, multiplier, out, ws):
+        """up@down straight into `out`, scaled in place (the mid and residual forms build ΔW as `delta` does)."""
+        if self.mid is not None or self.extra is not None:
+            return super().delta_into(src, multiplier, out, ws)
+        up, down = flat(fetch(self.up, src)), flat(fetch(self.down, src))
+        if up.shape[0] * down.shape[1] != src.numel():
+            raise ShapeMismatch(f"LoRA gives {up.shape[0] * down.shape[1]} elements ({self.out_dim} rows), "
+                                f"the weight is {list(src.shape)}")
+        torch.mm(up, down, out=out.view(up.shape[0], down.shape[1]))
+        k = self.scale * multiplier
+        if k != 1.0:  # × 1.0 is exact: skipping it changes no bit
+            out.mul_(k)

@@ -17,6 +17,7 @@ from torch import Tensor
 from ..errors import ShapeMismatch
 from .base import LayerPatch, Params, as_float, compute_dtype, fetch
 from .forms import BlockRotation
+from .into import cast_into, chunk_rows, in_compute, row_ranges, store
 
 
 def cayley(blocks: Tensor, constraint: float) -> Tensor:
@@ -75,15 +76,19 @@ class OFTPatch(LayerPatch):
             return blocks
         return cayley(blocks, self.constraint_alpha * self.out_dim)
 
+    def strength_rotation(self, like: Tensor, strength: float) -> Tensor:
+        """I + s·(R − I) per block, in the compute dtype of `like`."""
+        r = self.rotation(like)
+        eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
+        return eye + strength * (r - eye)
+
     def merge(self, weight, strength, bias=None):
         self.check(weight)
         cd = compute_dtype(weight)
         w = weight.to(cd)
         if strength == 0:
             return w, bias
-        r = self.rotation(w)
-        eye = torch.eye(r.shape[-1], dtype=cd, device=w.device)
-        r = eye + strength * (r - eye)
+        r = self.strength_rotation(w, strength)
         n, b = self.blocks.shape[0], self.block_size
         out = torch.einsum("knm,kn...->km...", r, w.reshape(n, b, *w.shape[1:])).reshape(w.shape)
         scale = blend_rescale(self.rescale, strength, w)
@@ -97,3 +102,23 @@ class OFTPatch(LayerPatch):
         rotation = blocks if self.is_rotation else cayley(blocks, self.constraint_alpha * self.out_dim)
         rescale = None if self.rescale is None else self.rescale.float().reshape(-1)
         return BlockRotation(rotation, rescale)
+
+    def merge_into(self, src, strength, dst, ws):
+        """The same block products (one bmm per chunk of blocks, as einsum runs them), each chunk rescaled in cache."""
+        self.check(src)
+        cd = compute_dtype(src)
+        if strength == 0:
+            return cast_into(src, dst)
+        r = self.strength_rotation(src, strength).transpose(1, 2)
+        n, b = self.blocks.shape[0], self.block_size
+        scale = blend_rescale(self.rescale, strength, src)
+        scale = None if scale is None else scale.reshape(n, b, 1)
+        src3, dst3 = src.view(n, b, -1), dst.view(n, b, -1)
+        direct = dst.dtype == cd and dst.data_ptr() != src.data_ptr()  # bmm may write straight into dst
+        for lo, hi in row_ranges(n, max(1, chunk_rows(src) // b)):
+            x = in_compute(src3[lo:hi], cd, ws, 0)
+            out = dst3[lo:hi] if direct else ws.chunk(1, x.numel(), cd, src.device).view(x.shape)
+            torch.bmm(r[lo:hi], x, out=out)
+            if scale is not None:
+                out.mul_(scale[lo:hi])
+            store(out, dst3[lo:hi])
