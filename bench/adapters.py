@@ -16,13 +16,27 @@ UNET_ATTN = ["Transformer2DModel"]
 UNET_CONV = ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"]
 TE_MODULES = ["CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"]
 
-# name → (lycoris algo, constructor kwargs, preset)
+UNET_RESNET = ["ResnetBlock2D"]
+
+# name → (lycoris algo, constructor kwargs, UNet preset, conv layers on)
 KINDS = {
     "lora": ("lora", dict(lora_dim=32, alpha=16, conv_lora_dim=0), UNET_ATTN, False),
     "locon": ("lora", dict(lora_dim=32, alpha=16, conv_lora_dim=16, conv_alpha=8), UNET_CONV, True),
     "lokr": ("lokr", dict(lora_dim=10000, alpha=1, conv_lora_dim=0, factor=8), UNET_ATTN, False),
+    "lokr-split": ("lokr", dict(lora_dim=8, alpha=4, conv_lora_dim=0, factor=-1, decompose_both=True), UNET_ATTN, False),
+    "lokr-tucker": ("lokr", dict(lora_dim=16, alpha=8, conv_lora_dim=16, conv_alpha=8, factor=8, use_tucker=True),
+                    UNET_RESNET, True),
+    "loha": ("loha", dict(lora_dim=16, alpha=8, conv_lora_dim=0), UNET_ATTN, False),
+    "oft8": ("diag-oft", dict(lora_dim=8, alpha=1, conv_lora_dim=0, constraint=0), UNET_ATTN, False),
     "oft": ("diag-oft", dict(lora_dim=32, alpha=1, conv_lora_dim=0, constraint=0), UNET_ATTN, False),
+    "oft64r": ("diag-oft", dict(lora_dim=64, alpha=1, conv_lora_dim=0, constraint=1e-3, rescaled=True), UNET_ATTN, False),
+    "boft": ("boft", dict(lora_dim=16, alpha=1, conv_lora_dim=0, constraint=0), UNET_ATTN, False),
+    "ia3": ("ia3", dict(lora_dim=1, alpha=1, conv_lora_dim=0), UNET_ATTN, False),
+    "dora-out": ("lora", dict(lora_dim=32, alpha=16, conv_lora_dim=0, weight_decompose=True, wd_on_out=True), UNET_ATTN, False),
+    "dora-in": ("lora", dict(lora_dim=32, alpha=16, conv_lora_dim=0, weight_decompose=True, wd_on_out=False), UNET_ATTN, False),
 }
+BLOCKS = {"oft64r": 64}  # block size written directly (LyCORIS itself cannot rebuild these: see report)
+STD = {"oft8": 0.002, "oft": 0.002, "oft64r": 0.002, "boft": 0.002, "ia3": 0.1}
 PEFT_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 PEFT_TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
@@ -36,11 +50,14 @@ def _file_name(lora_name: str) -> str:
 
 
 def _randomise(sd: dict[str, torch.Tensor], seed: int, std: float) -> dict[str, torch.Tensor]:
+    """Random factors; DoRA magnitudes, OFT rescales and IA3 vectors stay near their trained scale (1 ± noise)."""
     g = torch.Generator().manual_seed(seed)
     out = {}
     for k, v in sd.items():
         v = v.detach().float()
-        if v.ndim >= 1 and v.numel() > 1 and not k.endswith("alpha"):
+        if k.endswith(("dora_scale", "rescale")):
+            v = v * (1 + 0.1 * torch.randn(v.shape, generator=g))
+        elif v.ndim >= 1 and v.numel() > 1 and not k.endswith(("alpha", "on_input")):
             v = torch.randn(v.shape, generator=g) * std
         out[k] = v
     return out
@@ -70,8 +87,10 @@ def lycoris_file(kind: str, components, path: str, seed: int) -> str:
     for lora in net.unet_loras + net.text_encoder_loras:
         for k, v in lora.state_dict().items():
             sd[f"{_file_name(lora.lora_name)}.{k}"] = v
-    std = {"lora": 0.02, "locon": 0.02, "lokr": 0.02, "oft": 0.002}[kind]
-    sd = {k: v.to(torch.float16) for k, v in _randomise(sd, seed, std).items()}
+    if kind in BLOCKS:  # LyCORIS's factorization gives ≤ 20-row blocks on these widths: write b×b blocks as such
+        b = BLOCKS[kind]
+        sd = {k: v.new_zeros(v.shape[0] * v.shape[1] // b, b, b) if k.endswith("oft_blocks") else v for k, v in sd.items()}
+    sd = {k: v.to(torch.float16) for k, v in _randomise(sd, seed, STD.get(kind, 0.02)).items()}
     meta = {"ss_network_module": "lycoris.kohya", "ss_network_args": f'{{"algo": "{algo}"}}',
             "ss_base_model_version": "sdxl_base_v1-0" if "text_encoder_2" in components else "sd_v1"}
     save_file(sd, path, meta)
@@ -103,7 +122,7 @@ def peft_file(components, path: str, seed: int) -> str:
     return path
 
 
-CASES = ("lora", "locon", "lokr", "oft", "peft")
+CASES = ("lora", "peft") + tuple(k for k in KINDS if k != "lora")
 
 
 def generate(components, out_dir: str | os.PathLike, cases=CASES) -> dict[str, tuple[str, str]]:

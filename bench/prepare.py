@@ -17,7 +17,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--listing", type=int, default=2000)
     args = ap.parse_args(argv)
-    from .adapters import generate
+    from .adapters import CASES, generate
     from .listing import make_listing
     from .models import build
     from .worker import quiet
@@ -26,12 +26,12 @@ def main(argv=None) -> int:
     torch.set_grad_enabled(False)
     cache = Path(args.cache)
     files_json = cache / "files.json"
-    if not files_json.exists():
+    files = json.load(open(files_json)) if files_json.exists() else {}
+    if any(c not in files for c in CASES):  # first run, or kinds added since
         components = build(args.family, args.quick, seed=0)
         files = generate(components, cache / "adapters")
         del components
         json.dump(files, open(files_json, "w"), indent=1)
-    files = json.load(open(files_json))
     if args.listing:
         make_listing(files["lora"][0], cache / "listing", args.listing)
     return 0

@@ -260,10 +260,12 @@ class LycorisRow:
 
 
 class FloorRow:
-    """The physical floor: read the adapter file(s) once, and read + write each touched weight once (a copy).
+    """The physical floor: read the adapter file(s) once, and write each touched weight once from a saved copy of
+    its original (what an exact switch must at least move: the original in, the weight out; no arithmetic).
 
-    With `gemm`, each LoRA-patched weight is instead written as W + up@down (one addmm into a scratch buffer):
-    the floor for low-rank merges once the rank-r product's arithmetic is counted.
+    With `gemm`, each LoRA-patched weight is instead written as W + up@down (one addmm from the saved original):
+    the floor for low-rank merges once the rank-r product's arithmetic is counted. `buffer=True` times the previous
+    definition instead: the copy goes into one reused buffer, so its writes stay in the CPU cache.
     """
 
     inexact: tuple[str, ...] = ()
@@ -275,6 +277,7 @@ class FloorRow:
         self.gemm = gemm
         self.names = ("read", "copy")
         self.factors: dict[str, dict] = {}
+        self.saved: dict[str, torch.Tensor] = {}
         if gemm:
             self._load_factors()
         self._index()
@@ -307,8 +310,17 @@ class FloorRow:
             m.to(dtype)
         self._index()
 
-    def transition(self, read: list[str], weights: set[str], merged: tuple[str, ...] = ()) -> dict[str, float]:
-        """Read the files `read`; write every weight in `weights` once (as W + Σ up@down of `merged` with gemm)."""
+    def prepare(self, names) -> None:
+        """Save the originals of `names` (untimed, like the backups a patcher keeps)."""
+        self.saved = {n: self.tensors[n].detach().clone() for n in names}
+
+    def release(self) -> None:
+        self.saved = {}
+
+    def transition(self, read: list[str], weights: set[str], merged: tuple[str, ...] = (),
+                   buffer: bool = False) -> dict[str, float]:
+        """Read the files `read`; write every weight in `weights` once from its saved original (as W + Σ up@down
+        of `merged` with gemm)."""
         t0 = time.perf_counter()
         for path in read:
             with open(path, "rb") as f:
@@ -318,16 +330,28 @@ class FloorRow:
         sources = [self.factors.get(p, {}) for p in merged] if self.gemm else []
         with torch.no_grad():
             for name in weights:
-                t = self.tensors[name].data
-                dst = self.scratch[: t.numel()].view_as(t)
+                src = self.tensors[name].data if buffer else self.saved[name]
+                dst = self.scratch[: src.numel()].view_as(src) if buffer else self.tensors[name].data
                 fs = [f[name] for f in sources if name in f]
-                if fs and t.dtype == torch.float32:
-                    dst2, src2 = dst.view(t.shape[0], -1), t.reshape(t.shape[0], -1)
+                if fs and dst.dtype == torch.float32:
+                    dst2, src2 = dst.view(dst.shape[0], -1), src.reshape(src.shape[0], -1)
                     torch.addmm(src2, fs[0][0], fs[0][1], alpha=fs[0][2], out=dst2)
                     for up, down, scale in fs[1:]:
                         dst2.addmm_(up, down, alpha=scale)
+                elif fs:  # fp16/bf16: the same product in float32 through one reused buffer, cast once
+                    tmp = self.work(dst.numel()).view(dst.shape[0], -1)
+                    tmp.copy_(src.reshape(tmp.shape))
+                    for up, down, scale in fs:
+                        tmp.addmm_(up, down, alpha=scale)
+                    dst.copy_(tmp.view_as(dst))
                 else:
-                    dst.copy_(t)
+                    dst.copy_(src)
         sync(self.device)
         t2 = time.perf_counter()
         return {"read": t1 - t0, "copy": t2 - t1}
+
+    def work(self, numel: int) -> torch.Tensor:
+        if getattr(self, "_work", None) is None or self._work.numel() < numel:
+            biggest = max(t.numel() for t in self.tensors.values())
+            self._work = torch.empty(biggest, dtype=torch.float32, device=self.device)
+        return self._work[:numel]

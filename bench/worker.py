@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -18,21 +19,29 @@ import torch
 from . import memory
 from .models import build, model_bytes
 
-ROW_OPS = {
-    "floor": ("apply", "restore", "switch", "stack", "strength", "reselect"),
-    "floor-gemm": ("apply", "restore", "switch", "stack", "strength", "reselect"),
-    "ours-checkpoint": ("apply", "restore", "switch", "stack", "strength", "reselect"),
-    "ours-module": ("apply", "restore", "switch", "stack", "strength", "reselect"),
-    "peft": ("apply", "restore", "switch", "stack", "strength", "reselect"),
-    "peft-hotswap": ("switch",),
-    "lycoris": ("apply", "restore", "switch", "stack", "strength", "reselect"),
-}
-ROW_CASES = {
-    "floor-gemm": ("lora", "locon", "peft"),
+BASE_OPS = ("apply", "restore", "switch", "strength")
+FULL_OPS = BASE_OPS + ("stack", "reselect")
+ROWS_WITH_FULL_OPS = ("floor", "floor-gemm", "ours-checkpoint", "ours-module", "peft", "lycoris")
+LOW_RANK = ("lora", "locon", "peft", "lora-fp16", "lora-bf16")
+ROW_CASES = {  # rows that only make sense (or only finish in reasonable time) on some cases; others run them all
+    "floor-gemm": LOW_RANK,
+    "ours-checkpoint": ("lora", "locon", "lokr", "oft", "peft", "lora-fp16"),
     "peft": ("lora", "locon", "peft", "lora-fp16"),
     "peft-hotswap": ("lora", "peft"),
-    "lycoris": ("lora", "locon", "lokr", "oft", "lora-fp16"),
+    "lycoris": ("lora", "locon", "lokr", "lokr-split", "lokr-tucker", "loha", "oft8", "oft", "oft64r", "boft", "ia3",
+                "dora-out", "dora-in", "lora-fp16"),
 }
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def case_dtype(case: str) -> torch.dtype:
+    """The model dtype a case runs on: `…-fp16` / `…-bf16`, float32 otherwise."""
+    return DTYPES.get(case.rpartition("-")[2], torch.float32)
+
+
+def case_kind(case: str) -> str:
+    """The adapter files a case uses: its name without the dtype suffix."""
+    return case.rpartition("-")[0] if case.rpartition("-")[2] in DTYPES else case
 
 
 def quiet() -> None:
@@ -63,18 +72,37 @@ def start(args) -> dict:
         return json.load(f)
 
 
-def touched_weights(components, paths) -> dict[str, dict[str, int]]:
-    """Adapter path → {weight name (Components naming): bytes} that its plan writes."""
+def arithmetic(patch) -> int:
+    """FLOP per weight element a merge of `patch` cannot avoid: its products (2·r per rank-r product, 2·b per b×b
+    rotation); element-wise steps count 0 (they ride on the memory traffic)."""
+    kind = type(patch).__name__
+    if kind == "DoRAPatch":
+        return arithmetic(patch.inner)
+    if kind in ("LoRAPatch", "GLoRAPatch"):
+        return 2 * (patch.rank or 0)
+    if kind == "LoHaPatch":
+        return 4 * patch.rank
+    if kind == "OFTPatch":
+        return 2 * patch.block_size
+    if kind == "BOFTPatch":
+        return 2 * patch.block_size * int(patch.blocks.shape[0])
+    return 0
+
+
+def touched_weights(components, paths) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, float]]]:
+    """Adapter path → {weight name (Components naming): bytes} that its plan writes, and → {name: FLOP} its merge
+    needs (arithmetic × elements)."""
     from lib_adapters.adapter import Adapter
     from lib_adapters.naming import LayerMap, build_plan
 
     lm = LayerMap.for_diffusers({k: m.state_dict() for k, m in components.items()})
     tensors = {f"{c}.{k}": v for c, m in components.items() for k, v in m.state_dict().items()}
-    out = {}
+    out, flops = {}, {}
     for p in paths:
         plan, _ = build_plan([(Adapter.load(p), 1.0, 1.0)], lm)
         out[p] = {w: tensors[w].numel() * tensors[w].element_size() for w in plan}
-    return out
+        flops[p] = {w: float(sum(arithmetic(op.patch) for op in ops) * tensors[w].numel()) for w, ops in plan.items()}
+    return out, flops
 
 
 def make_row(name: str, components, device: str, touched):
@@ -135,6 +163,7 @@ class Recorder:
 
 def run_floor(row, rec: Recorder, a: str, b: str, touched, n: int, ops):
     ta, tb = set(touched[a]), set(touched[b])
+    row.prepare(ta | tb)
     plan = {  # files read, weights written, adapters merged into them (for the gemm floor)
         "apply": ([a], ta, (a,)), "restore": ([], ta, ()), "switch": ([b], ta | tb, (b,)),
         "stack": ([b], ta | tb, (a, b)), "strength": ([], ta, (a,)), "reselect": ([], ta | tb, (b,)),
@@ -142,6 +171,10 @@ def run_floor(row, rec: Recorder, a: str, b: str, touched, n: int, ops):
     for op in ops:
         for _ in range(n):
             rec.timed(op, row.transition, *plan[op])
+    if not row.gemm:  # the previous floor's copy into one reused buffer, for comparison (cache-resident writes)
+        for _ in range(n):
+            rec.timed("buffer", row.transition, [], ta, (), True)
+    row.release()
 
 
 def run_states(row, rec: Recorder, a: str, b: str, n: int, ops):
@@ -184,32 +217,31 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=3)
     ap.add_argument("--n-other", type=int, default=0, help="repetitions in the other cases (0: --n)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--cases", default="lora,locon,lokr,oft,peft,lora-fp16")
+    ap.add_argument("--cases", default="lora,lokr,oft")
     ap.add_argument("--full-ops-cases", default="lora,lora-fp16",
-                    help="cases timed on every operation; the others on apply, restore and switch only")
+                    help="cases timed on every operation; the others on apply, restore, switch and strength")
     args = ap.parse_args(argv)
     files = start(args)
     t0 = time.perf_counter()
     components = build(args.family, args.quick, device=args.device)
     build_s = time.perf_counter() - t0
-    all_files = sorted({p for pair in files.values() for p in pair})
-    touched = touched_weights(components, all_files)
+    cases = [c for c in args.cases.split(",") if c in ROW_CASES.get(args.row, (c,))]
+    all_files = sorted({p for c in cases for p in files[case_kind(c)]})
+    touched, flops = touched_weights(components, all_files)
     result = {"row": args.row, "build_s": build_s, "cases": {}, "model_bytes": {}, "touched_bytes": {}}
-    cases = [c for c in args.cases.split(",") if c in ROW_CASES.get(args.row, c)]
     full_ops = set(args.full_ops_cases.split(","))
     result["model_bytes"]["float32"] = model_bytes(components)
     row = make_row(args.row, components, args.device, touched)
-    for case in cases:
-        if case.endswith("-fp16"):
-            if not getattr(row, "cast_done", False):
-                row.cast(torch.float16)
-                row.cast_done = True
-                result["model_bytes"]["float16"] = result["model_bytes"]["float32"] // 2
-        a, b = files[case.split("-")[0]]
-        ops = ROW_OPS[args.row] if case in full_ops else tuple(o for o in ROW_OPS[args.row] if o in ("apply", "restore", "switch"))
-        if args.row == "peft-hotswap":
-            ops = ("switch",)
-        n = args.n if case in full_ops or not args.n_other else args.n_other
+    dtype = torch.float32
+    for case in sorted(cases, key=lambda c: str(case_dtype(c)) != "torch.float32"):  # float32 cases first
+        if case_dtype(case) != dtype:
+            dtype = case_dtype(case)
+            row.cast(dtype)
+            result["model_bytes"][str(dtype).split(".")[1]] = result["model_bytes"]["float32"] * dtype.itemsize // 4
+        a, b = files[case_kind(case)]
+        full = case in full_ops and args.row in ROWS_WITH_FULL_OPS
+        ops = ("switch",) if args.row == "peft-hotswap" else FULL_OPS if full else BASE_OPS
+        n = args.n if full or not args.n_other else args.n_other
         rec = Recorder(row, args.device)
         rec.start()
         try:
@@ -224,12 +256,12 @@ def main(argv=None) -> int:
                 row.goto(())
             except Exception:
                 pass
-        itemsize = 2 if case.endswith("-fp16") else 4
         result["touched_bytes"][case] = {
-            "A": sum(touched[a].values()) * itemsize // 4,
-            "AB": sum((touched[a] | touched[b]).values()) * itemsize // 4,
+            "A": sum(touched[a].values()) * dtype.itemsize // 4,
+            "AB": sum((touched[a] | touched[b]).values()) * dtype.itemsize // 4,
         }
-        result["files"] = {p: __import__("os").path.getsize(p) for p in all_files}
+        result.setdefault("flops", {})[case] = {"A": sum(flops[a].values()), "B": sum(flops[b].values())}
+        result["files"] = {p: os.path.getsize(p) for p in all_files}
     json.dump(result, open(args.out, "w"), indent=1)
     return 0
 

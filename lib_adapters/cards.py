@@ -7,9 +7,11 @@ Results are cached by (size, mtime) so a refresh of thousands of files only stat
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,7 @@ import torch
 
 from .algorithms import detect, incomplete, kind_name
 from .errors import AdapterError, ShapeMismatch
-from .files import Header, json_value, read_header
+from .files import MAX_HEADER, Header, json_value, read_header
 from .keys import group_keys
 from .naming.families import detect_family
 from .peft_config import apply_peft_config
@@ -112,41 +114,85 @@ def meta_params(header: Header) -> dict[str, torch.Tensor]:
     return out
 
 
-def classify(header: Header) -> tuple[dict[str, int], Counter, bool, dict[str, int | None], str]:
-    """(algorithm → layer count, rank (OFT/BOFT: block size) counts, any DoRA, module → input width, why the file
-    cannot be applied or ""), from shapes."""
-    groups, _ = group_keys(meta_params(header))
+def _detect_module(params: dict[str, torch.Tensor]) -> tuple | None:
+    """(algorithm name, rank or block size, DoRA, input width) of one module's meta tensors, ("incomplete", why) for
+    a broken adapter layer, None for a foreign key."""
+    try:
+        patch, _ = detect(params)
+    except (ShapeMismatch, RuntimeError, ValueError, NotImplementedError):
+        return None
+    if patch is None:
+        broken = incomplete(params)
+        return ("incomplete", broken) if broken else None
+    size = patch.rank if patch.rank is not None else getattr(patch, "block_size", None)
+    return kind_name(patch), None if size is None else int(size), patch.dora, patch.in_dim
+
+
+# Module signature (its params' names, shapes, dtypes) → what _detect_module says: the files of one trainer and rank
+# repeat the same few signatures, so each is detected once per process.
+_MODULES: dict[tuple, tuple | None] = {}
+
+
+def _modules(header: Header) -> dict[str, dict]:
+    """Module → {param: header entry}, without the params whose values the card leaves out."""
+    entries = {k: e for k, e in header.entries.items() if k.rpartition(".")[2] not in SKIPPED_PARAMS}
+    return group_keys(entries)[0]
+
+
+def _classify_table(header: Header) -> tuple[dict[str, int], Counter, bool, dict[str, int | None], str]:
+    """classify() from the tensor table alone (shapes, dtypes, names): what files sharing a table share."""
     algorithms: Counter = Counter()
     ranks: Counter = Counter()
     dora = False
     in_dims: dict[str, int | None] = {}
     error = ""
+    for module, params in _modules(header).items():
+        signature = tuple(sorted((p, tuple(e.shape), e.dtype) for p, e in params.items()))
+        if signature not in _MODULES:
+            _MODULES[signature] = _detect_module(meta_params(Header("", {}, params, 0, 0)))
+        found = _MODULES[signature]
+        if found is None:
+            continue
+        if found[0] == "incomplete":
+            error = error or f"layer {module!r}: {found[1]}"
+            continue
+        kind, size, is_dora, in_dim = found
+        algorithms[kind] += 1
+        if size is not None:
+            ranks[size] += 1
+        dora = dora or is_dora
+        in_dims[module] = in_dim
+    return dict(algorithms), ranks, dora, in_dims, error
+
+
+def _peft_error(header: Header, metadata: dict[str, str]) -> str:
+    """Why the PEFT config in the metadata cannot scale the layers (as Adapter.load requires), or ""."""
+    if not metadata.get("lora_adapter_metadata"):
+        return ""  # apply_peft_config has nothing to apply
     layers = {}
-    for module, params in groups.items():
+    for module, params in _modules(header).items():
         try:
-            patch, _ = detect(params)
+            patch, _ = detect(meta_params(Header("", {}, params, 0, 0)))
         except (ShapeMismatch, RuntimeError, ValueError, NotImplementedError):
             continue
-        if patch is None:
-            broken = incomplete(params)
-            if broken and not error:
-                error = f"layer {module!r}: {broken}"
-            continue
-        algorithms[kind_name(patch)] += 1
-        size = patch.rank if patch.rank is not None else getattr(patch, "block_size", None)
-        if size is not None:
-            ranks[int(size)] += 1
-        dora = dora or patch.dora
-        in_dims[module] = patch.in_dim
-        layers[module] = patch
-    try:  # a PEFT config the layers need must be usable (finite alpha, safe patterns), as Adapter.load requires
-        apply_peft_config(layers, header.metadata, header.path)
+        if patch is not None:
+            layers[module] = patch
+    try:
+        apply_peft_config(layers, metadata, header.path)
     except AdapterError as e:
-        error = error or e.reason
+        return e.reason
+    return ""
+
+
+def classify(header: Header, table: tuple | None = None) -> tuple[dict[str, int], Counter, bool, dict[str, int | None], str]:
+    """(algorithm → layer count, rank (OFT/BOFT: block size) counts, any DoRA, module → input width, why the file
+    cannot be applied or ""), from shapes; `table`: _classify_table's result for this header, when known."""
+    algorithms, ranks, dora, in_dims, error = table or _classify_table(header)
+    error = error or _peft_error(header, header.metadata)
     if not algorithms and not error:
         n = len(header.entries)
         error = "not an adapter: " + (f"{n} tensors, none with a known adapter key signature" if n else "no tensors")
-    return dict(algorithms), ranks, dora, in_dims, error
+    return algorithms, ranks, dora, in_dims, error
 
 
 def badge_for(algorithms: dict[str, int]) -> str:
@@ -220,6 +266,42 @@ def find_preview_file(path: str, listing: set[str] | None = None) -> str | None:
 
 
 _CACHE: dict[str, tuple[int, float, CardInfo]] = {}
+# (digest of a header's tensor table, data length) → (its header, _classify_table of it): a collection holds many
+# files of one trainer and rank whose tables are byte for byte the same; only their metadata differs.
+_TABLES: dict[tuple[bytes, int], tuple[Header, tuple]] = {}
+_FAMILIES: dict[tuple, str] = {}
+FAMILY_HINTS = ("ss_base_model_version", "modelspec.architecture", "ss_v2")  # the metadata detect_family reads
+_JSON = json.JSONDecoder()
+
+
+def _split_header(path: str, size: int) -> tuple[tuple[bytes, int], dict[str, str]] | None:
+    """((digest of the header without its metadata, data length), the metadata) from the raw header; None when it
+    is not a plain safetensors header with string metadata (read_header then decides and says why)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return None
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > MAX_HEADER:
+            return None
+        try:
+            text = f.read(n).decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    metadata: dict = {}
+    at = text.find('"__metadata__"')
+    if at >= 0:
+        colon = text.find(":", at + 14)
+        if text[:at].rstrip()[-1:] not in ("{", ",") or colon < 0 or text[at + 14:colon].strip():
+            return None
+        try:
+            metadata, end = _JSON.raw_decode(text, len(text) - len(text[colon + 1:].lstrip()))
+        except ValueError:
+            return None
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            return None
+        text = text[:at] + text[end:]
+    return (hashlib.blake2b(text.encode("utf-8"), digest_size=20).digest(), size - 8 - n), metadata
 
 
 def read_card(path: str | os.PathLike, listing: set[str] | None = None) -> CardInfo:
@@ -232,18 +314,35 @@ def read_card(path: str | os.PathLike, listing: set[str] | None = None) -> CardI
         card.preview_file = find_preview_file(path, listing)
         return card
     try:
-        card = _card_of(read_header(path), path, st, listing)
+        split = _split_header(path, st.st_size)
+        if split is not None and split[0] in _TABLES:  # a table read and checked before: only the metadata is new
+            known, table = _TABLES[split[0]]
+            header = Header(path, split[1], known.entries, known.data_start, known.file_size, st.st_mtime)
+        else:
+            header = read_header(path)
+            table = _classify_table(header)
+            if split is not None:
+                _TABLES[split[0]] = (header, table)
+        card = _card_of(header, path, st, listing, table, split[0] if split is not None else None)
     except AdapterError:
         raise
+    except OSError as e:
+        raise AdapterError(path, f"cannot be read: {e.strerror or e}") from None
     except Exception as e:  # whatever a file holds, reading it fails only with an AdapterError for that file
         raise AdapterError(path, f"cannot be read as an adapter ({type(e).__name__}: {e})") from None
     _CACHE[path] = (st.st_size, st.st_mtime, card)
     return card
 
 
-def _card_of(header: Header, path: str, st: os.stat_result, listing: set[str] | None) -> CardInfo:
-    algorithms, ranks, dora, in_dims, error = classify(header)
-    family = detect_family(in_dims, header.metadata) if in_dims else "unknown"
+def _card_of(header: Header, path: str, st: os.stat_result, listing: set[str] | None, table: tuple | None = None,
+             table_key: tuple | None = None) -> CardInfo:
+    algorithms, ranks, dora, in_dims, error = classify(header, table)
+    family = "unknown"
+    if in_dims:
+        key = (table_key or path, tuple(header.metadata.get(k) for k in FAMILY_HINTS))
+        if key not in _FAMILIES:
+            _FAMILIES[key] = detect_family(in_dims, header.metadata)
+        family = _FAMILIES[key]
     rank = ranks.most_common(1)[0][0] if ranks else None
     return CardInfo(
         path=path, size=st.st_size, mtime=st.st_mtime,
@@ -296,7 +395,9 @@ def list_cards(dirs: list[str]) -> list[CardInfo | AdapterError]:
 
 
 def clear_cache() -> None:
-    _CACHE.clear()
+    """Forget every card and every table, module and family seen (the next listing parses every file again)."""
+    for cache in (_CACHE, _TABLES, _MODULES, _FAMILIES):
+        cache.clear()
 
 
 # --- user metadata (`<stem>.json`, the builtin's sidecar) -------------------------------------------------------

@@ -24,7 +24,7 @@ STRENGTHS = (0.5, 1.0, -1.0, 1.7)
 ALL_CASES = list(CASES) + ["ia3-out", "ia3-in"]
 
 
-@pytest.fixture(params=[64, 1 << 16], ids=["tiny-chunks", "default-chunks"])
+@pytest.fixture(params=[64, into.CHUNK], ids=["tiny-chunks", "default-chunks"])
 def chunk(request, monkeypatch):
     """Run each test with chunks of a few rows (many chunks per weight) and with the default size."""
     monkeypatch.setattr(into, "CHUNK", request.param)

@@ -120,6 +120,7 @@ def test_listing_never_reads_tensor_data(adapter_files, tmp_path, monkeypatch):
 def test_cache_is_kept_until_the_file_changes(adapter_files, tmp_path, monkeypatch):
     path = tmp_path / "c.safetensors"
     path.write_bytes(open(adapter_files["loha"][0], "rb").read())
+    cards.clear_cache()
     calls = []
     real = cards.read_header
     monkeypatch.setattr(cards, "read_header", lambda p: calls.append(p) or real(p))
@@ -129,6 +130,41 @@ def test_cache_is_kept_until_the_file_changes(adapter_files, tmp_path, monkeypat
     path.write_bytes(open(adapter_files["glora"][0], "rb").read())
     os.utime(path, (1, 1))
     assert cards.read_card(path).badge == "GLoRA" and len(calls) == 2
+
+
+def test_files_sharing_a_tensor_table_are_parsed_once_and_keep_their_own_metadata(adapter_files, tmp_path, monkeypatch):
+    """The second file with the same tensors (another training run of one config) reads only its metadata; a
+    different data length, non-string metadata or a changed table goes through the full header check again."""
+    tensors = adapter_files["locon"][1]
+    for i in range(3):
+        files.save_tensors(str(tmp_path / f"run{i}.safetensors"), tensors, {"ss_output_name": f"run {i}", "ss_num_epochs": str(i)})
+    cards.clear_cache()
+    calls = []
+    real = cards.read_header
+    monkeypatch.setattr(cards, "read_header", lambda p: calls.append(p) or real(p))
+    got = [cards.read_card(tmp_path / f"run{i}.safetensors") for i in range(3)]
+    assert len(calls) == 1
+    assert [c.metadata["ss_output_name"] for c in got] == ["run 0", "run 1", "run 2"]
+    assert [c.training.epochs for c in got] == ["0", "1", "2"]
+    assert len({(c.badge, c.rank, c.family, c.layers) for c in got}) == 1 and got[0].badge == "LoCon"
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes((tmp_path / "run0.safetensors").read_bytes()[:-4])  # same header, 4 bytes of data missing
+    with pytest.raises(AdapterError):
+        cards.read_card(cut)
+    odd = tmp_path / "odd.safetensors"
+    raw = (tmp_path / "run1.safetensors").read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    header["__metadata__"] = {"ss_num_epochs": 5}  # not a string: the full reader decides
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    odd.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+    before = len(calls)
+    try:
+        card = cards.read_card(odd)
+    except AdapterError:
+        card = None
+    assert len(calls) == before + 1 and (card is None or card.badge == "LoCon")
 
 
 def test_training_metadata(tmp_path, adapter_files):

@@ -77,9 +77,17 @@ class BOFTPatch(LayerPatch):
     def block_size(self) -> int:
         return int(self.blocks.shape[2])
 
+    def rotations(self, like: Tensor) -> Tensor:
+        """R_i for every stage in `like`'s compute dtype and device, computed once per patch."""
+        cache = self.__dict__.setdefault("_rotations", {})  # not a field: no tensor in vars(), no effect on eq
+        key = (compute_dtype(like), like.device)
+        if key not in cache:
+            cache[key] = cayley(fetch(self.blocks, like), self.constraint_alpha * self.out_dim)
+        return cache[key]
+
     def strength_rotations(self, like: Tensor, strength: float) -> Tensor:
         """I + s·(R_i − I) for every stage, in the compute dtype of `like`."""
-        r = cayley(fetch(self.blocks, like), self.constraint_alpha * self.out_dim)
+        r = self.rotations(like)
         eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
         return eye + strength * (r - eye)
 

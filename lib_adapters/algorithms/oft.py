@@ -71,10 +71,13 @@ class OFTPatch(LayerPatch):
         return int(self.blocks.shape[1])
 
     def rotation(self, like: Tensor) -> Tensor:
-        blocks = fetch(self.blocks, like)
-        if self.is_rotation:
-            return blocks
-        return cayley(blocks, self.constraint_alpha * self.out_dim)
+        """R per block in `like`'s compute dtype and device; the Cayley transform is computed once per patch."""
+        cache = self.__dict__.setdefault("_rotations", {})  # not a field: no tensor in vars(), no effect on eq
+        key = (compute_dtype(like), like.device)
+        if key not in cache:
+            blocks = fetch(self.blocks, like)
+            cache[key] = blocks if self.is_rotation else cayley(blocks, self.constraint_alpha * self.out_dim)
+        return cache[key]
 
     def strength_rotation(self, like: Tensor, strength: float) -> Tensor:
         """I + s·(R − I) per block, in the compute dtype of `like`."""
@@ -115,7 +118,8 @@ class OFTPatch(LayerPatch):
         scale = None if scale is None else scale.reshape(n, b, 1)
         src3, dst3 = src.view(n, b, -1), dst.view(n, b, -1)
         direct = dst.dtype == cd and dst.data_ptr() != src.data_ptr()  # bmm may write straight into dst
-        for lo, hi in row_ranges(n, max(1, chunk_rows(src) // b)):
+        per_chunk = n if direct and scale is None else max(1, chunk_rows(src) // b)  # else rescale/cast in cache
+        for lo, hi in row_ranges(n, per_chunk):
             x = in_compute(src3[lo:hi], cd, ws, 0)
             out = dst3[lo:hi] if direct else ws.chunk(1, x.numel(), cd, src.device).view(x.shape)
             torch.bmm(r[lo:hi], x, out=out)
