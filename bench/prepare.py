@@ -33,7 +33,16 @@ def main(argv=None) -> int:
         del components
         json.dump(files, open(files_json, "w"), indent=1)
     if args.listing:
-        make_listing(files["lora"][0], cache / "listing", args.listing)
+        listing = cache / "listing"
+        marker = listing / "templates.json"
+        templates = [files[k][0] for k in sorted(files)]
+        if listing.exists() and (not marker.exists() or json.load(open(marker)) != templates):  # made otherwise: again
+            import shutil
+
+            shutil.rmtree(listing)
+        listing.mkdir(parents=True, exist_ok=True)
+        json.dump(templates, open(marker, "w"))
+        make_listing(templates, listing, args.listing)
     return 0
 
 
