@@ -88,11 +88,12 @@ def main(argv=None) -> int:
     ap.add_argument("--listing", type=int, default=2000, help="files in the listing test (0: skip)")
     ap.add_argument("--no-step", action="store_true")
     ap.add_argument("--cache", default=None, help="folder for generated files (default bench/cache/<size>)")
-    ap.add_argument("--out", default=str(HERE / "results" / "latest.md"))
+    ap.add_argument("--out", default=None, help="default bench/results/latest.md (cuda: latest-cuda.md)")
     args = ap.parse_args(argv)
     gpu = args.device.startswith("cuda")
     args.family = args.family or ("sdxl" if gpu else "sd1")
     args.cases = args.cases or (GPU_CASES if gpu else CASES)
+    args.out = args.out or str(HERE / "results" / ("latest-cuda.md" if gpu else "latest.md"))
     if gpu:
         args.listing, args.no_step = 0, True
     thread_runs = [int(t) for t in args.threads.split(",")]
