@@ -14,6 +14,7 @@ layer (or, when the layer's `_apply` does not recurse — Forge's GGUF/bnb Linea
 
 from __future__ import annotations
 
+import sys
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -287,8 +288,20 @@ def _apply_term(t: Term, acc: Tensor, x: Tensor, g: Geometry) -> None:
 
 
 def _adapted_forward(self, x, *args, **kwargs):
-    """Installed as a patched layer's `forward`: base forward (the host's own) plus the adapter terms."""
-    return self.__dict__["_lib_adapters_state"].run(self, x, args, kwargs)
+    """Installed as a patched layer's `forward`: base forward (the host's own) plus the adapter terms. Should a term
+    fail here (every form was probed at the switch), the layer goes on without its adapters and says so once:
+    sampling never fails because of an adapter."""
+    state = self.__dict__["_lib_adapters_state"]
+    try:
+        return state.run(self, x, args, kwargs)
+    except (RuntimeError, ValueError, IndexError) as e:
+        if not state.terms:
+            raise
+        sources = sorted({t.op.source.partition("|")[0] for t in state.terms})
+        print(f"[Adapters] error: {', '.join(sources)} left out on layer type {type(self).__name__}: {e}",
+              file=sys.stderr, flush=True)
+        state.terms = []
+        return state.run(self, x, args, kwargs)
 
 
 # ---- the engine ------------------------------------------------------------------------------------------------------
@@ -433,11 +446,17 @@ class ForwardEngine:
                 self.skipped.append(Skipped(op, f"{op.patch.kind} on layer type {kind} {why}"))
                 continue
             form = form.map_tensors(lambda t: t.to(device=_device(module, attr), dtype=self.factor_dtype))
-            bias = op.patch.delta_bias(torch.zeros(block[0])) if isinstance(op.patch, DeltaPatch) else None
-            if bias is not None:
-                bias = bias.reshape(-1).to(device=_device(module, attr), dtype=self.factor_dtype)
-            terms.append(Term(op, form, op.strength, _row_index(op, storage.shape[0], _device(module, attr)),
-                              op.target.cols, bias))
+            try:
+                bias = op.patch.delta_bias(torch.zeros(block[0])) if isinstance(op.patch, DeltaPatch) else None
+                if bias is not None:
+                    bias = bias.reshape(-1).to(device=_device(module, attr), dtype=self.factor_dtype)
+                term = Term(op, form, op.strength, _row_index(op, storage.shape[0], _device(module, attr)),
+                            op.target.cols, bias)
+                _probe(term, geometry, storage.shape, block)
+            except (RuntimeError, ValueError, IndexError) as e:
+                self.skipped.append(Skipped(op, f"{op.patch.kind} does not fit layer type {kind}: {e}"))
+                continue
+            terms.append(term)
         if not terms:
             return False
         state = AdapterState(terms, geometry, lambda: self._bias(module))
@@ -497,6 +516,33 @@ class ForwardEngine:
             module.__dict__.pop("forward", None)
         if layer.holder._modules.get(layer.holder_name) is layer.state:
             del layer.holder._modules[layer.holder_name]
+
+
+def _probe(term: Term, g: Geometry, shape: tuple[int, ...], block: tuple[int, ...]) -> None:
+    """Run the term once on a one-sample zero input, so a form that does not fit fails here (reported), not in
+    sampling (a failed generation)."""
+    kernel = shape[2:] if g.conv else ()
+    x = torch.zeros(1, shape[1], *[k * 2 for k in kernel], dtype=_first_tensor(term.form).dtype,
+                    device=_first_tensor(term.form).device)
+    acc = torch.zeros(1, *([1] * len(kernel)), shape[0], dtype=x.dtype, device=x.device)
+    if g.conv:
+        acc = F_conv_out(x, shape, g)
+    if isinstance(term.form, DoRAForm) and term.form.norm is None:
+        ones = torch.ones(block[0] if term.form.on_output else block[1], dtype=x.dtype, device=x.device)
+        term = Term(term.op, DoRAForm(term.form.inner, term.form.magnitude, term.form.on_output, ones), term.strength,
+                    term.rows, term.cols, term.bias)
+    if term.right:
+        x = _right(term, x, g)
+    _apply_term(term, acc, x, g)
+    if term.bias is not None:
+        _add_rows(acc, term.rows, term.bias.to(acc.dtype))
+
+
+def F_conv_out(x: Tensor, shape: tuple[int, ...], g: Geometry) -> Tensor:
+    """A zero conv output (channels last) of the layer's geometry for input `x`."""
+    out = torch.nn.functional.conv2d(x, torch.zeros(shape, dtype=x.dtype, device=x.device), None, g.stride, g.padding,
+                                     g.dilation)
+    return out.movedim(1, -1).contiguous()
 
 
 def dataclasses_replace(op: Operation, strength: float) -> Operation:

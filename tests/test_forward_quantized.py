@@ -257,3 +257,15 @@ def test_every_algorithm_composes_in_prompt_order_as_the_merge_does():
             assert not engine.skipped, names
             check(root, layer, reference, plan_ops, x, torch.float32, bias)
     engine.restore()
+
+
+def test_a_form_that_does_not_fit_is_reported_at_switch_and_never_fails_a_forward():
+    layer, _ = STORAGES["gguf_Q8_0"](torch.float32)
+    root = model_with(layer)
+    x = rnd(2, I)
+    plain = layer(x)
+    bad = {"oft": {"oft_blocks": rnd(5, 8, 8, std=0.1)}}  # 40 rows of blocks on a 48-row layer
+    engine = ForwardEngine(root, lambda n: "block." + n)
+    engine.reconcile({"l.weight": ops(["oft"], bad) + ops(["lora"], adapters(O, I))})
+    assert [s.op.patch.kind for s in engine.skipped] == ["oft"] and "does not fit" in engine.skipped[0].reason
+    assert engine.adapted() == ["l.weight"] and not torch.equal(layer(x), plain)  # the LoRA still applies
