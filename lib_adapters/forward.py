@@ -34,7 +34,7 @@ PLAIN = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 STATE_NAME = "lib_adapters"
 
 
-# ---- storage: what a layer's weight is, its real shape, and its values -------------------------------------------------
+# ---- storage: what a layer's weight is, its real shape, and its values --------------------------------------------
 
 @dataclass(frozen=True)
 class Storage:
@@ -526,7 +526,7 @@ def _probe(term: Term, g: Geometry, shape: tuple[int, ...], block: tuple[int, ..
                     device=_first_tensor(term.form).device)
     acc = torch.zeros(1, *([1] * len(kernel)), shape[0], dtype=x.dtype, device=x.device)
     if g.conv:
-        acc = F_conv_out(x, shape, g)
+        acc = _zero_conv_out(x, shape, g)
     if isinstance(term.form, DoRAForm) and term.form.norm is None:
         ones = torch.ones(block[0] if term.form.on_output else block[1], dtype=x.dtype, device=x.device)
         term = Term(term.op, DoRAForm(term.form.inner, term.form.magnitude, term.form.on_output, ones), term.strength,
@@ -538,7 +538,7 @@ def _probe(term: Term, g: Geometry, shape: tuple[int, ...], block: tuple[int, ..
         _add_rows(acc, term.rows, term.bias.to(acc.dtype))
 
 
-def F_conv_out(x: Tensor, shape: tuple[int, ...], g: Geometry) -> Tensor:
+def _zero_conv_out(x: Tensor, shape: tuple[int, ...], g: Geometry) -> Tensor:
     """A zero conv output (channels last) of the layer's geometry for input `x`."""
     out = torch.nn.functional.conv2d(x, torch.zeros(shape, dtype=x.dtype, device=x.device), None, g.stride, g.padding,
                                      g.dilation)

@@ -5,7 +5,6 @@ is reported by type and adapter while the rest applies, "(fp16 LoRA)" keeps fact
 
 import os
 
-import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
@@ -173,7 +172,6 @@ def test_fp16_lora_mode_keeps_factors_in_the_computation_dtype(host):
         dynamic_args["online_lora"] = False
     dtypes = {t.form.up.dtype for layer in fe.layers.values() for t in layer.state.terms}
     assert dtypes == {torch.bfloat16}
-    assert np is not None
 
 
 def test_a_schedule_on_quantized_layers_sets_numbers_each_step_and_never_writes_the_weights(host):
