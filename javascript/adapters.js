@@ -5,7 +5,10 @@
 (function(root) {
     "use strict";
 
-    var TAG = /<(lora|lyco):([^>]*)>/g;
+    // Tags are read as lib_adapters reads them (lib_adapters/tags.py, tag_options.py): a linear scan for
+    // `<lora:`/`<lyco:` up to the next `>`, arguments split at `:`, numbers strictly decimal and finite.
+    var NAMED = ["unet", "te", "hr", "hrunet", "hrte", "lbw", "x", "start", "stop", "step", "dyn", "lbwe"];
+    var NUMBER = /^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$/;
 
     function fmt(x) {
         // the shortest decimal text, as lib_adapters.cards.format_strength
@@ -20,59 +23,132 @@
         return "<lora:" + name + ":" + fmt(first) + ":" + fmt(second) + ">";
     }
 
+    function scan(text) {
+        // every tag as {start, end, kind, body}, in one pass: a start without a later `>` ends the scan
+        var out = [], start = /<(lora|lyco):/g, pos = 0, m;
+        for (;;) {
+            start.lastIndex = pos;
+            if ((m = start.exec(text)) === null) return out;
+            var from = m.index + m[0].length, end = text.indexOf(">", from);
+            if (end < 0) return out;
+            out.push({start: m.index, end: end + 1, kind: m[1], body: text.slice(from, end)});
+            pos = end + 1;
+        }
+    }
+
+    function splitArgs(body) {
+        // [name, [{key|null, value, raw}]] as lib_adapters.tags.split_args
+        var parts = body.split(":"), args = [];
+        parts.slice(1).forEach(function(raw) {
+            var eq = raw.indexOf("=");
+            if (eq >= 0) args.push({key: raw.slice(0, eq).trim(), value: raw.slice(eq + 1).trim(), raw: raw});
+            else if (raw.trim()) args.push({key: null, value: raw.trim(), raw: raw});
+        });
+        return [parts[0].trim(), args];
+    }
+
+    function number(text) {
+        // a finite decimal number, or null (lib_adapters.tags.number)
+        var t = String(text).trim();
+        if (!NUMBER.test(t)) return null;
+        var v = Number(t);
+        return isFinite(v) ? v : null;
+    }
+
+    function strength(text) {
+        // a number, or "schedule:<text>" for a `w@step,…` schedule (lib_adapters.schedules.parse_strength); null if malformed
+        if (!/[@~,;]/.test(text)) return number(text);
+        var points = [], items = text.split(/[,;]/);
+        for (var i = 0; i < items.length; i++) {
+            var parts = items[i].split(/[@~]/);
+            if (!items[i].trim() || parts.length > 2) return null;
+            var step = parts.length === 2 ? number(parts[1]) : 1, w = number(parts[0]);
+            if (step === null || w === null) return null;
+            points.push([step, w]);
+        }
+        points.sort(function(a, b) { return a[0] - b[0]; });
+        if (points[0][0] < 0) return null;
+        var same = points.every(function(p) { return p[1] === points[0][1]; });
+        return same ? points[0][1] : "schedule:" + text.trim();
+    }
+
+    function stepNumber(text) {
+        var n = number(text);
+        return n !== null && n >= 0 && n === Math.floor(n) ? n : null;
+    }
+
     function parseTagBody(body, order, dflt) {
-        // name and strengths as lib_adapters.tags reads them: positional numbers, then named unet= / te=
-        var parts = body.split(":");
-        var positional = [], named = {};
-        parts.slice(1).forEach(function(item) {
-            item = item.trim();
-            var eq = item.indexOf("=");
-            if (eq >= 0) {
-                var key = item.slice(0, eq).trim();
-                if (key === "unet" || key === "te") named[key] = parseFloat(item.slice(eq + 1));
-            } else if (item) {
-                positional.push(parseFloat(item));
+        // {name, unet, te, error} as lib_adapters.tag_options reads the arguments; a scheduled strength is
+        // "schedule:<text>", one limited to a step window "window"; `error` names what is malformed
+        var split = splitArgs(body), positional = [], named = {}, error = "";
+        split[1].forEach(function(arg) {
+            if (error) return;
+            if (arg.key === null) {
+                var v = strength(arg.value);
+                if (v === null) error = arg.value + " is not a number";
+                positional.push(v);
+            } else if (NAMED.indexOf(arg.key) < 0) {
+                error = "unknown argument " + arg.key;
+            } else {
+                named[arg.key] = arg.value;
             }
         });
+        if (!error && positional.length > 2) error = "at most two strengths";
+        if (!error && "lbwe" in named) error = "lbwe= is not supported";
         var unet = dflt, te = dflt;
         if (positional.length === 1) {
             unet = te = positional[0];
-        } else if (positional.length >= 2) {
+        } else if (positional.length === 2) {
             unet = order === "te,unet" ? positional[1] : positional[0];
             te = order === "te,unet" ? positional[0] : positional[1];
         }
-        if ("unet" in named) unet = named.unet;
-        if ("te" in named) te = named.te;
-        return {name: parts[0].trim(), unet: unet, te: te};
+        ["unet", "te", "hr", "hrunet", "hrte", "x"].forEach(function(key) {
+            if (error || !(key in named)) return;
+            var v = key === "x" ? number(named[key]) : strength(named[key]);
+            if (v === null) error = key + "=" + named[key] + " is not a number";
+            else if (key === "unet") unet = v;
+            else if (key === "te") te = v;
+        });
+        var start = 0, stop = null;
+        if (!error && "start" in named && (start = stepNumber(named.start)) === null) error = "start= is not a step";
+        if (!error && "stop" in named && (stop = stepNumber(named.stop)) === null) error = "stop= is not a step";
+        if (!error && "step" in named) {
+            var dash = named.step.indexOf("-");
+            start = dash < 0 ? null : stepNumber(named.step.slice(0, dash));
+            stop = dash < 0 ? null : stepNumber(named.step.slice(dash + 1));
+            if (start === null || stop === null) error = "step= is not a range a-b";
+        }
+        if (!error && stop !== null && stop <= start) error = "the adapter would act on no step";
+        if (!error && (start || stop !== null)) unet = "window";
+        return {name: split[0], unet: error ? NaN : unet, te: error ? NaN : te, error: error};
     }
 
     function findTags(text, order, dflt) {
-        var out = [], m;
-        TAG.lastIndex = 0;
-        while ((m = TAG.exec(text)) !== null) {
-            var parsed = parseTagBody(m[2], order, dflt === undefined ? 1 : dflt);
-            parsed.start = m.index;
-            parsed.end = m.index + m[0].length;
-            out.push(parsed);
-        }
-        return out;
-    }
-
-    function sameName(a, b) {
-        return a.toLowerCase() === b.toLowerCase();
-    }
-
-    function hasTag(text, name) {
-        return findTags(text).some(function(t) {
-            return sameName(t.name, name);
+        return scan(text).map(function(t) {
+            var parsed = parseTagBody(t.body, order, dflt === undefined ? 1 : dflt);
+            parsed.start = t.start;
+            parsed.end = t.end;
+            parsed.body = t.body;
+            return parsed;
         });
     }
 
-    function removeTag(text, name, activation, sep) {
+    function sameName(a, b, fold) {
+        // exact, or ignoring case where no other card differs only in case (the name index resolves it then)
+        return a === b || (!!fold && a.toLowerCase() === b.toLowerCase());
+    }
+
+    function hasTag(text, name, fold) {
+        return findTags(text).some(function(t) {
+            return sameName(t.name, name, fold);
+        });
+    }
+
+    function removeTag(text, name, activation, sep, fold) {
         // every tag of `name`, the activation text right after it and the separator before it
         sep = sep === undefined ? " " : sep;
         var tags = findTags(text).filter(function(t) {
-            return sameName(t.name, name);
+            return sameName(t.name, name, fold);
         });
         for (var i = tags.length - 1; i >= 0; i--) {
             var start = tags[i].start, end = tags[i].end;
@@ -101,18 +177,24 @@
 
     function toggle(text, payload, unet, te, sep) {
         // remove the adapter's tag when present, else add it with the given strengths
-        if (hasTag(text, payload.name)) return removeTag(text, payload.name, payload.activation, sep);
+        if (hasTag(text, payload.name, payload.fold)) {
+            return removeTag(text, payload.name, payload.activation, sep, payload.fold);
+        }
         var added = tagText(payload.name, unet, te, payload.order);
         if (payload.activation) added += " " + payload.activation;
         return addText(text, added, sep);
     }
 
-    function setStrengths(text, name, unet, te, order) {
-        // rewrite every tag of `name` with new strengths
+    function setStrengths(text, name, unet, te, order, fold) {
+        // rewrite the strengths of every tag of `name`; its other named arguments (lbw=, hr=, …) stay as written
         var tags = findTags(text);
         for (var i = tags.length - 1; i >= 0; i--) {
-            if (!sameName(tags[i].name, name)) continue;
-            text = text.slice(0, tags[i].start) + tagText(tags[i].name, unet, te, order) + text.slice(tags[i].end);
+            if (!sameName(tags[i].name, name, fold)) continue;
+            var kept = splitArgs(tags[i].body)[1].filter(function(a) {
+                return a.key !== null && a.key !== "unet" && a.key !== "te";
+            }).map(function(a) { return ":" + a.raw; }).join("");
+            var tag = tagText(tags[i].name, unet, te, order);
+            text = text.slice(0, tags[i].start) + tag.slice(0, -1) + kept + ">" + text.slice(tags[i].end);
         }
         return text;
     }
@@ -131,8 +213,9 @@
     }
 
     var api = {
-        fmt: fmt, tagText: tagText, parseTagBody: parseTagBody, findTags: findTags, hasTag: hasTag,
-        removeTag: removeTag, toggle: toggle, setStrengths: setStrengths, toggleNegative: toggleNegative,
+        fmt: fmt, tagText: tagText, scan: scan, splitArgs: splitArgs, number: number, strength: strength,
+        parseTagBody: parseTagBody, findTags: findTags, hasTag: hasTag, removeTag: removeTag, toggle: toggle,
+        setStrengths: setStrengths, toggleNegative: toggleNegative, NAMED: NAMED,
     };
 
     if (typeof module !== "undefined" && module.exports) {
@@ -199,8 +282,8 @@
     function strengthsOf(card, payload) {
         var inputs = card.querySelectorAll(".adapters-strengths input");
         if (inputs.length === 2) {
-            var u = parseFloat(inputs[0].value), t = parseFloat(inputs[1].value);
-            return [isNaN(u) ? payload.unet : u, isNaN(t) ? payload.te : t];
+            var u = number(inputs[0].value), t = number(inputs[1].value);
+            return [u === null ? payload.unet : u, t === null ? payload.te : t];
         }
         return [payload.unet, payload.te];
     }
@@ -209,13 +292,13 @@
         var card = cardFor(el, name);
         if (!card) return false;
         var payload = payloadOf(card);
-        if (!payload || payload.error) return false;  // a file that cannot be used: its card says why
+        if (!payload || payload.error || payload.untaggable) return false;  // its card says why
         var tab = tabOf(card);
         var area = promptArea(tab, false);
         if (!area) return false;
         var sep = option("extra_networks_add_text_separator", " ");
         var s = strengthsOf(card, payload);
-        var adding = !hasTag(area.value, payload.name);
+        var adding = !hasTag(area.value, payload.name, payload.fold);
         setArea(area, toggle(area.value, payload, s[0], s[1], sep));
         var neg = promptArea(tab, true);
         if (neg && payload.negative) setArea(neg, toggleNegative(neg.value, payload.negative, adding, sep));
@@ -228,9 +311,9 @@
         var payload = payloadOf(card);
         var tab = tabOf(card);
         var area = promptArea(tab, false);
-        if (!payload || !area || !hasTag(area.value, payload.name)) return;
+        if (!payload || !area || !hasTag(area.value, payload.name, payload.fold)) return;
         var s = strengthsOf(card, payload);
-        setArea(area, setStrengths(area.value, payload.name, s[0], s[1], payload.order));
+        setArea(area, setStrengths(area.value, payload.name, s[0], s[1], payload.order, payload.fold));
     }
 
     function span(cls, text, title) {
@@ -267,9 +350,10 @@
         if (payload.mismatch) card.classList.add("adapters-mismatch");
         var badges = document.createElement("div");
         badges.className = "adapters-badges";
-        if (payload.error) {
+        if (payload.error || payload.untaggable) {
             card.classList.add("adapters-error");
-            badges.appendChild(span("adapters-badge adapters-error-badge", "cannot be used", payload.error));
+            badges.appendChild(span("adapters-badge adapters-error-badge",
+                payload.error ? "cannot be used" : "no tag", payload.error || payload.untaggable));
             card.appendChild(badges);
             return;
         }
@@ -307,15 +391,17 @@
             var tags = byOrder[order] || (byOrder[order] = findTags(text, order, 1));
             var found = null;
             tags.forEach(function(t) {
-                if (sameName(t.name, payload.name)) found = t;
+                if (sameName(t.name, payload.name, payload.fold)) found = t;
             });
-            card.classList.toggle("adapters-active", !!found);
-            if (found) {
+            card.classList.toggle("adapters-active", !!found && !found.error);
+            card.classList.toggle("adapters-malformed", !!found && !!found.error);
+            card.title = found && found.error ? "malformed tag <" + (found.body || "") + ">: " + found.error : "";
+            if (found && !found.error) {
                 var inputs = card.querySelectorAll(".adapters-strengths input");
                 if (inputs.length === 2) {
                     var focused = document.activeElement;
-                    if (inputs[0] !== focused && !isNaN(found.unet)) inputs[0].value = fmt(found.unet);
-                    if (inputs[1] !== focused && !isNaN(found.te)) inputs[1].value = fmt(found.te);
+                    if (inputs[0] !== focused && typeof found.unet === "number") inputs[0].value = fmt(found.unet);
+                    if (inputs[1] !== focused && typeof found.te === "number") inputs[1].value = fmt(found.te);
                 }
             }
         });

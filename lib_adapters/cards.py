@@ -22,6 +22,7 @@ from .algorithms import detect, incomplete, kind_name
 from .errors import AdapterError, ShapeMismatch
 from .files import MAX_HEADER, Header, json_value, read_header
 from .keys import group_keys
+from .library import walk
 from .naming.families import detect_family
 from .peft_config import apply_peft_config
 
@@ -361,18 +362,8 @@ def error_card(error: AdapterError) -> CardInfo:
 
 
 def list_files(dirs: list[str]) -> list[str]:
-    """Every `.safetensors` file under `dirs` (recursive, symlinks followed), sorted by relative path."""
-    found: dict[str, str] = {}
-    for d in dirs:
-        if not d or not os.path.isdir(d):
-            continue
-        for root, subdirs, files in os.walk(d, followlinks=True):
-            subdirs.sort()
-            for f in sorted(files):
-                if f.lower().endswith(".safetensors"):
-                    full = os.path.abspath(os.path.join(root, f))
-                    found.setdefault(os.path.realpath(full), full)
-    return list(found.values())
+    """Every `.safetensors` file under `dirs` (recursive; each real folder and file once, as `library.walk`)."""
+    return [os.path.abspath(p) for p, _ in walk([d for d in dirs if d], (".safetensors",))]
 
 
 def list_cards(dirs: list[str]) -> list[CardInfo | AdapterError]:

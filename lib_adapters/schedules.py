@@ -15,23 +15,14 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import AdapterError
 from .patching import Operation, Plan
+from .tags import number  # one number grammar for every tag argument
 
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
-
-
-def number(text: str, tag: str, what: str = "strength") -> float:
-    """A finite decimal number, or AdapterError naming the tag."""
-    text = text.strip()
-    if not _NUMBER.fullmatch(text) or not math.isfinite(value := float(text)):
-        raise AdapterError(None, f"malformed tag {tag}: {text!r} is not a number ({what})")
-    return value
 
 
 @dataclass(frozen=True)

@@ -1,18 +1,93 @@
 """Prompt tags: `<lora:name:w>`, `<lora:name:w:w_clip>`, named `unet=`, `te=` (and the builtin's `dyn=`).
 
+A tag is found by a linear scan (`scan`): `<lora:` or `<lyco:` up to the next `>`, as the WebUI reads it. Its body
+splits at `:` into the name and arguments, each positional or `key=value` with its raw text kept (`split_args`);
+numbers are read strictly (`number`): decimal with optional sign, fraction and exponent, finite, as users write
+them (`1`, `0.5`, `.5`, `-1e-1`); `nan`, `inf`, `1e309`, `1_0`, `0x10`, `1.5abc` are refused with the tag named.
+`javascript/adapters.js` reads tags by the same rules.
+
 One number sets both strengths; two numbers are UNet then text encoder (order "unet,te", ours) or text encoder
 then UNet (order "te,unet", A1111's builtin). A named strength overrides only its own part.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
 from .errors import AdapterError
 
-TAG = re.compile(r"<(lora|lyco):([^>]*)>")
+TAG_START = re.compile(r"<(lora|lyco):")
+NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 ORDERS = ("unet,te", "te,unet")
+
+
+@dataclass(frozen=True)
+class TagSpan:
+    """Where one tag stands in a prompt: `text[start:end]` is `<kind:body>`."""
+
+    start: int
+    end: int
+    kind: str
+    body: str
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One argument after the name: `key` None for a positional one; `raw` as written (spaces kept)."""
+
+    key: str | None
+    value: str
+    raw: str
+
+
+def scan(text: str) -> list[TagSpan]:
+    """Every `<lora:…>` / `<lyco:…>` in `text`, in order, in one linear pass (the body runs to the next `>`)."""
+    out: list[TagSpan] = []
+    pos = 0
+    while True:
+        m = TAG_START.search(text, pos)
+        if m is None:
+            return out
+        end = text.find(">", m.end())
+        if end < 0:  # no `>` after this start: none after any later start either
+            return out
+        out.append(TagSpan(m.start(), end + 1, m.group(1), text[m.end():end]))
+        pos = end + 1
+
+
+def split_args(body: str) -> tuple[str, list[Arg]]:
+    """(name, arguments): the body split at `:`; an argument with `=` is named (key and value stripped)."""
+    name, *items = body.split(":")
+    args = []
+    for raw in items:
+        if "=" in raw:
+            key, value = raw.split("=", 1)
+            args.append(Arg(key.strip(), value.strip(), raw))
+        elif raw.strip():
+            args.append(Arg(None, raw.strip(), raw))
+    return name.strip(), args
+
+
+def number(text: str, tag: str, what: str = "strength") -> float:
+    """A finite decimal number as users write it, or AdapterError naming the tag."""
+    text = text.strip()
+    if not NUMBER.fullmatch(text) or not math.isfinite(value := float(text)):
+        raise AdapterError(None, f"malformed tag {tag}: {text!r} is not a number ({what})")
+    return value
+
+
+def untaggable(name: str) -> str:
+    """Why `name` cannot be written in a WebUI tag ("" when it can): the WebUI ends a tag at `>`, splits its
+    arguments at `:` and its name loses surrounding spaces."""
+    if ":" in name:
+        return "its name contains ':', where a tag's arguments begin"
+    if ">" in name:
+        return "its name contains '>', where a tag ends"
+    if name != name.strip() or not name:
+        return "its name begins or ends with a space"
+    return ""
 
 
 @dataclass
@@ -27,13 +102,6 @@ class AdapterTag:
     text: str = ""
 
 
-def _number(value: str, tag: str) -> float:
-    try:
-        return float(value)
-    except ValueError:
-        raise AdapterError(None, f"malformed tag {tag}: {value!r} is not a number") from None
-
-
 def strengths(items: list[str], order: str = "unet,te", default: float = 1.0, tag: str = "") -> tuple[float, float, int, list[str]]:
     """(unet, te, positional count, notices) from the tag's arguments after the name."""
     if order not in ORDERS:
@@ -42,18 +110,15 @@ def strengths(items: list[str], order: str = "unet,te", default: float = 1.0, ta
     positional: list[float] = []
     named: dict[str, float] = {}
     notices = []
-    for item in items:
-        item = item.strip()
-        if "=" in item:
-            key, value = (s.strip() for s in item.split("=", 1))
-            if key == "dyn":
-                notices.append(f"{tag}: dyn={value} (rank truncation) is ignored; the full adapter is applied")
-                continue
-            if key not in ("unet", "te"):
-                raise AdapterError(None, f"malformed tag {tag}: unknown argument {key!r} (use unet= or te=)")
-            named[key] = _number(value, tag)
-        elif item:
-            positional.append(_number(item, tag))
+    for arg in split_args(":" + ":".join(items))[1]:
+        if arg.key is None:
+            positional.append(number(arg.value, tag))
+        elif arg.key == "dyn":
+            notices.append(f"{tag}: dyn={arg.value} (rank truncation) is ignored; the full adapter is applied")
+        elif arg.key in ("unet", "te"):
+            named[arg.key] = number(arg.value, tag, f"{arg.key}=")
+        else:
+            raise AdapterError(None, f"malformed tag {tag}: unknown argument {arg.key!r} (use unet= or te=)")
     if len(positional) > 2:
         raise AdapterError(None, f"malformed tag {tag}: at most two strengths (unet, te), got {len(positional)}")
     if not positional:
@@ -69,19 +134,23 @@ def strengths(items: list[str], order: str = "unet,te", default: float = 1.0, ta
 
 def parse_tag(body: str, order: str = "unet,te", default: float = 1.0) -> AdapterTag:
     """`body` is what stands between `<lora:` and `>`."""
-    parts = body.split(":")
-    name = parts[0].strip()
+    name = body.split(":", 1)[0].strip()
     text = f"<lora:{body}>"
     if not name:
         raise AdapterError(None, f"malformed tag {text}: no adapter name")
-    unet, te, n, notices = strengths(parts[1:], order, default, text)
+    unet, te, n, notices = strengths(body.split(":")[1:], order, default, text)
     return AdapterTag(name, unet, te, n, notices, text)
 
 
 def parse_prompt(prompt: str, order: str = "unet,te", default: float = 1.0) -> tuple[str, list[AdapterTag]]:
     """(prompt with the tags removed, tags in prompt order)."""
-    tags = [parse_tag(m.group(2), order, default) for m in TAG.finditer(prompt)]
-    return TAG.sub("", prompt).strip(), tags
+    spans = scan(prompt)
+    tags = [parse_tag(t.body, order, default) for t in spans]
+    kept, pos = [], 0
+    for t in spans:
+        kept.append(prompt[pos:t.start])
+        pos = t.end
+    return ("".join(kept) + prompt[pos:]).strip(), tags
 
 
 def combine(tags: list[AdapterTag], resolve=str.lower) -> list[tuple[str, AdapterTag]]:

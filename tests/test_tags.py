@@ -1,7 +1,7 @@
 import pytest
 
 from lib_adapters.errors import AdapterError
-from lib_adapters.tags import combine, parse_prompt, parse_tag, strengths
+from lib_adapters.tags import combine, parse_prompt, parse_tag, scan, split_args, strengths, untaggable
 
 
 def test_one_number_sets_both_strengths():
@@ -70,3 +70,39 @@ def test_combining_by_file_keeps_different_files_apart_and_joins_spellings_of_on
 def test_strengths_rejects_unknown_order():
     with pytest.raises(ValueError):
         strengths(["1"], order="clip,unet")
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "Infinity", "1e309", "1_0", "0x10", "1.5abc", "\u0661",
+                                  "1e", ".", "+-1"])
+def test_numbers_are_read_strictly_and_refusals_name_the_tag(text):
+    with pytest.raises(AdapterError) as e:
+        parse_tag(f"style:{text}")
+    assert f"<lora:style:{text}>" in str(e.value) and "not a number" in str(e.value)
+
+
+@pytest.mark.parametrize("text, value", [("1", 1.0), (" 0.5 ", 0.5), (".5", 0.5), ("1.", 1.0), ("-1e-1", -0.1),
+                                         ("+2E1", 20.0), ("1e-400", 0.0)])
+def test_numbers_as_users_write_them(text, value):
+    assert parse_tag(f"style:{text}").unet == value
+
+
+def test_scan_is_linear_on_unterminated_tags_and_finds_what_the_regex_found():
+    import re
+
+    old = re.compile(r"<(lora|lyco):([^>]*)>")
+    for prompt in ["a <lora:x:1> <lyco:y> <lora:z:1 <lora:w:2> tail <lora:", "<<lora:a>>", "<lora:>", "x" * 10]:
+        assert [(t.start, t.end, t.kind, t.body) for t in scan(prompt)] == \
+               [(m.start(), m.end(), m.group(1), m.group(2)) for m in old.finditer(prompt)]
+    assert scan("<lora:" * 40_000) == [] and parse_prompt("x <lora:" * 30_000)[1] == []  # 240 KB: instant
+
+
+def test_arguments_keep_their_raw_text():
+    name, args = split_args(" n :0.5: te = 1 :lbw=1,0,0,1::")
+    assert name == "n"
+    assert [(a.key, a.value, a.raw) for a in args] == [(None, "0.5", "0.5"), ("te", "1", " te = 1 "),
+                                                       ("lbw", "1,0,0,1", "lbw=1,0,0,1")]
+
+
+@pytest.mark.parametrize("name, reason", [("a:b", "':'"), ("a>b", "'>'"), (" a", "space"), ("ok", "")])
+def test_names_the_webui_cannot_read_in_a_tag(name, reason):
+    assert (reason in untaggable(name)) and (bool(untaggable(name)) == bool(reason))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from ..errors import AdapterError
 from ..files import read_header
@@ -30,6 +31,17 @@ def read_metadata(path: str) -> dict:
         return {}
 
 
+def usable_aliases(paths, metadata_of) -> dict:
+    """alias → path for the `ss_output_name` aliases the builtin would use: unique, no file's stem, not "None"."""
+    stems = {Path(p).stem.lower() for p in paths}
+    found: dict[str, list] = {}
+    for p in paths:
+        alias = str(metadata_of(p).get("ss_output_name", "")).strip()
+        if alias and alias.lower() not in stems and alias.lower() != "none":
+            found.setdefault(alias.lower(), []).append((alias, p))
+    return {hits[0][0]: hits[0][1] for hits in found.values() if len(hits) == 1}
+
+
 class Library:
     """Adapter files by name like the builtin: stem, sub-folder path, metadata alias (`ss_output_name`) when it
     is unique, case-insensitive when unique. A missing name triggers one rescan."""
@@ -43,18 +55,10 @@ class Library:
         return list(self._dirs) if self._dirs is not None else adapter_dirs()
 
     def refresh(self) -> None:
-        self.index = AdapterIndex(self.dirs())
-        stems = {p.stem.lower() for p in self.index.paths}
-        seen: dict[str, list[str]] = {}
-        for p in self.index.paths:
-            alias = self.metadata(str(p)).get("ss_output_name", "").strip()
-            if alias and alias.lower() != p.stem.lower():
-                seen.setdefault(alias.lower(), []).append(str(p))
-        for p in self.index.paths:
-            alias = self.metadata(str(p)).get("ss_output_name", "").strip()
-            key = alias.lower()
-            if alias and len(seen.get(key, ())) == 1 and key not in stems and key != "none":
-                self.index.add_alias(alias, p)
+        index = AdapterIndex(self.dirs())
+        for alias, path in usable_aliases(index.paths, lambda p: self.metadata(str(p))).items():
+            index.add_alias(alias, path)
+        self.index = index
 
     def metadata(self, path: str) -> dict:
         """Header metadata, cached by mtime and size."""

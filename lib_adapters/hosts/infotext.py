@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import struct
 
 from .. import tags
@@ -109,12 +108,39 @@ def parse_hashes(text: str) -> list[tuple[str, str]]:
     return pairs
 
 
-_TWO_NUMBERS = re.compile(r"<(lora|lyco):([^:>]+):([-+0-9.eE]+):([-+0-9.eE]+)>")
+def _rewrite(prompt: str, edit) -> str:
+    """`prompt` with every tag's body replaced by `edit(body)` (None: unchanged), tags found by the linear scan."""
+    out, pos = [], 0
+    for t in tags.scan(prompt):
+        body = edit(t.body)
+        if body is not None:
+            out += [prompt[pos:t.start], f"<{t.kind}:{body}>"]
+            pos = t.end
+    return "".join(out) + prompt[pos:]
+
+
+def _swapped(body: str) -> str | None:
+    """The body with its two positional arguments exchanged (spacing and named arguments kept), else None."""
+    parts = body.split(":")
+    where = [i for i, part in enumerate(parts[1:], 1) if "=" not in part and part.strip()]
+    if len(where) != 2:
+        return None
+    i, j = where
+    parts[i], parts[j] = parts[j], parts[i]
+    return ":".join(parts)
 
 
 def swap_positional(prompt: str) -> str:
-    """Swap the two positional strengths of every `<lora:name:a:b>`: moves a tag between the two orders."""
-    return _TWO_NUMBERS.sub(lambda m: f"<{m.group(1)}:{m.group(2)}:{m.group(4)}:{m.group(3)}>", prompt)
+    """Swap the two positional strengths of every tag that has two: moves a tag between the two orders."""
+    return _rewrite(prompt, _swapped)
+
+
+def rename(prompt: str, old: str, new: str) -> str:
+    """Tags naming `old` (as written, spaces around it ignored) name `new` instead."""
+    def edit(body):
+        name, sep, rest = body.partition(":")
+        return f"{new}{sep}{rest}" if name.strip() == old else None
+    return _rewrite(prompt, edit)
 
 
 def restore_prompt(params: dict, order: str, known: dict[str, str]) -> None:
@@ -129,5 +155,5 @@ def restore_prompt(params: dict, order: str, known: dict[str, str]) -> None:
     for name, value in parse_hashes(params.get(HASHES_KEY, "")):
         local = known.get(value.lower())
         if local and local != name:
-            prompt = re.sub(rf"<(lora|lyco):{re.escape(name)}:", lambda m: f"<{m.group(1)}:{local}:", prompt)
+            prompt = rename(prompt, name, local)
     params["Prompt"] = prompt

@@ -10,9 +10,12 @@ import html
 import json
 import os
 import re
+from pathlib import Path
 
-from .. import cards
+from .. import cards, tags
 from ..errors import AdapterError
+from ..library import AdapterIndex
+from .index import usable_aliases
 
 BUILTIN_LORA_EXTENSIONS = ("Lora", "sd_forge_lora")
 SHOW_ALL_OPTION = "adapters_show_all"
@@ -115,34 +118,38 @@ def js_string(text: str) -> str:
     return json.dumps(text, ensure_ascii=False).replace("</", "<\\/")
 
 
-def unique_names(paths: list[str], roots: list[str]) -> dict[str, str]:
-    """Card name → path: the file stem, or `sub/stem` where two files share a stem."""
-    def relative(path: str) -> str:
-        for root in roots:
-            try:
-                rel = os.path.relpath(path, root)
-            except ValueError:
-                continue
-            if not rel.startswith(".."):
-                return os.path.splitext(rel)[0].replace(os.sep, "/")
-        return os.path.splitext(os.path.basename(path))[0]
+def card_names(paths: list[str], roots: list[str], metadata_of) -> dict[str, tuple[str, str, bool, str]]:
+    """path → (card name, name its tag uses, whether the tag may match in any case, why it cannot be tagged or "").
 
-    stems: dict[str, int] = {}
-    for p in paths:
-        stem = os.path.splitext(os.path.basename(p))[0].lower()
-        stems[stem] = stems.get(stem, 0) + 1
-    names = {}
-    for p in paths:
-        stem = os.path.splitext(os.path.basename(p))[0]
-        names[relative(p) if stems[stem.lower()] > 1 else stem] = p
-    return names
+    The card name is the shortest name that finds the file alone (`library.AdapterIndex`: stem, `sub/stem`,
+    `Lora/stem`); a name the WebUI cannot read in a tag (`:` or `>` in it, spaces around it) is replaced in the tag
+    by the file's `ss_output_name` alias where that is usable, else the card says why it cannot be tagged."""
+    index = AdapterIndex(roots)
+    aliases = {}
+    for alias, path in usable_aliases(index.paths, metadata_of).items():
+        index.add_alias(alias, path)
+        aliases[str(path)] = alias
+    out = {}
+    for path in paths:
+        name = index.relative_name(Path(path))
+        tag_name, reason = name, tags.untaggable(name)
+        alias = aliases.get(path)
+        if reason and alias and not tags.untaggable(alias):
+            tag_name, reason = alias, ""
+        why = f"cannot be tagged: {reason}; rename the file or give it an ss_output_name alias" if reason else ""
+        out[path] = (name, tag_name, tag_name == name and index.folds_uniquely(name, path), why)
+    return out
 
 
-def card_payload(name: str, card: cards.CardInfo, user: dict, default: float, mismatch: bool, order: str) -> dict:
-    """What the card's JavaScript needs (rendered as the `data-sort-adapter` attribute, HTML-escaped by the host)."""
+def card_payload(name: str, card: cards.CardInfo, user: dict, default: float, mismatch: bool, order: str,
+                 fold: bool = False, untaggable: str = "") -> dict:
+    """What the card's JavaScript needs (rendered as the `data-sort-adapter` attribute, HTML-escaped by the host);
+    `name` is the name the tag uses."""
     unet, te = cards.preferred_strengths(user, default)
     return {
         "name": name,
+        "fold": fold,
+        "untaggable": untaggable,
         "unet": unet,
         "te": te,
         "activation": str(user.get("activation text") or "").strip(),
@@ -160,7 +167,7 @@ def card_payload(name: str, card: cards.CardInfo, user: dict, default: float, mi
 
 def item_prompt(payload: dict) -> str:
     """The host's `prompt` field: a JavaScript expression evaluating to the tag (and activation text)."""
-    if payload["error"]:
+    if payload["error"] or payload["untaggable"]:
         return js_string("")
     text = cards.tag_text(payload["name"], payload["unet"], payload["te"], payload["order"])
     if payload["activation"]:
@@ -168,11 +175,11 @@ def item_prompt(payload: dict) -> str:
     return js_string(text)
 
 
-def description_of(card: cards.CardInfo, user: dict, description_is_html: bool) -> str:
+def description_of(card: cards.CardInfo, user: dict, description_is_html: bool, untaggable: str = "") -> str:
     """Why the file cannot be used, else the user's description as they wrote it, else the modelspec description
     (escaped if the host won't)."""
-    if card.error:
-        text = f"Cannot be used: {card.error}"
+    if card.error or untaggable:
+        text = f"Cannot be used: {card.error}" if card.error else untaggable[:1].upper() + untaggable[1:]
         return html.escape(text) if description_is_html else text
     if user.get("description"):
         return str(user["description"])
@@ -199,6 +206,7 @@ def make_page_class():
             self.order_fn = order if callable(order) else (lambda: order) if order else default_order
             self.paths: dict[str, str] = {}
             self.cards: dict[str, cards.CardInfo] = {}
+            self.tag_names: dict[str, tuple[str, bool, str]] = {}  # card name → (tag name, fold, untaggable)
             self.errors: list[str] = []
 
         def refresh(self):
@@ -214,8 +222,10 @@ def make_page_class():
             listed = cards.list_cards(roots)
             self.errors = [str(e) for e in listed if not isinstance(e, cards.CardInfo)]
             good = [c if isinstance(c, cards.CardInfo) else cards.error_card(c) for c in listed]  # a card each
-            self.paths = unique_names([c.path for c in good], roots)
             by_path = {c.path: c for c in good}
+            names = card_names(list(by_path), roots, lambda p: by_path[str(p)].metadata if str(p) in by_path else {})
+            self.paths = {names[p][0]: p for p in by_path}
+            self.tag_names = {names[p][0]: names[p][1:] for p in by_path}
             self.cards = {name: by_path[p] for name, p in self.paths.items()}
 
         def list_items(self):
@@ -253,7 +263,8 @@ def make_page_class():
             if mismatch and enable_filter and not show_all(opts):
                 return None
             default = float(getattr(opts, "extra_networks_default_multiplier", 1.0) or 1.0)
-            payload = card_payload(name, card, user, default, mismatch, self.order_fn())
+            tag_name, fold, untaggable = self.tag_names.get(name, (name, False, ""))
+            payload = card_payload(tag_name, card, user, default, mismatch, self.order_fn(), fold, untaggable)
             preview = None
             if card.preview_file:
                 preview = self.link_preview(card.preview_file)
@@ -268,7 +279,7 @@ def make_page_class():
             item.update({
                 "shorthash": short_hash(card.metadata.get("sshs_model_hash")),
                 "preview": preview,
-                "description": description_of(card, user, is_html),
+                "description": description_of(card, user, is_html, untaggable),
                 "search_terms": [html.escape(t) for t in terms if t],
                 "local_preview": f"{stem}.{getattr(opts, 'samples_format', 'png')}",
                 "metadata": shown_metadata(card),

@@ -325,6 +325,9 @@ def build_plan(entries, layer_map: LayerMap) -> tuple[Plan, dict[str, list[str]]
     in_order: list[Operation] = []
     for adapter, unet_strength, te_strength, *rest in entries:
         blocks = rest[0] if rest else None
+        for what, value in (("UNet", unet_strength), ("text-encoder", te_strength)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise AdapterError(adapter.path, f"the {what} strength {value!r} is not a finite number")
         check_family(adapter, layer_map)
         missing = []
         ops = []
