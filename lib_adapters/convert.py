@@ -24,7 +24,7 @@ from .adapter import BUNDLED_EMBEDDING_PREFIX, Adapter
 from .algorithms import kind_name
 from .algorithms.base import rank_scale
 from .errors import AdapterError
-from .files import DTYPE_NAMES, DTYPES, load_tensors, read_header, save_tensors
+from .files import DTYPE_NAMES, DTYPES, load_tensors, read_header, refuse_same_file, save_tensors
 from .keys import group_keys
 
 TARGETS = ("diffusers", "peft", "kohya")
@@ -281,6 +281,7 @@ def convert_file(src: str | os.PathLike, dst: str | os.PathLike, to: str, family
         raise AdapterError(None, f"--to must be one of {', '.join(TARGETS)}, not {to!r}")
     if os.path.abspath(src) == os.path.abspath(dst):
         raise AdapterError(dst, "the output would overwrite the input")
+    refuse_same_file(dst, [src])
     if not dst.endswith(".safetensors"):
         raise AdapterError(dst, "the output must be a .safetensors file")
     header, tensors = load_tensors(src, read_header(src))

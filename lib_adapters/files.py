@@ -241,6 +241,22 @@ def load_tensors(path: str | os.PathLike, header: Header | None = None) -> tuple
     return header, tensors
 
 
+def refuse_same_file(out: str | os.PathLike, inputs) -> None:
+    """AdapterError when `out` is (through links, hard links or a linked folder) one of the `inputs`: writing it
+    would destroy an input. Checked before anything is written."""
+    out = str(out)
+    if not os.path.exists(out):
+        return
+    for source in inputs:
+        try:
+            same = os.path.samefile(out, str(source))
+        except OSError:
+            continue
+        if same:
+            raise AdapterError(out, f"the output is the input file {source} (the same file on disk); "
+                                    "nothing was written: choose another output path")
+
+
 def _out_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
     """`dtype` for floating tensors (None: unchanged); other tensors always keep theirs."""
     return dtype if dtype is not None and t.is_floating_point() else t.dtype

@@ -343,6 +343,13 @@ class ForwardEngine:
     def reconcile(self, plan: Plan) -> dict[str, int]:
         """Bring the layers to exactly `plan`: new or changed layers built, strength-only changes set as numbers,
         layers no longer planned restored. Operations it cannot apply are left out and listed in `self.skipped`."""
+        try:
+            return self._reconcile(plan)
+        except BaseException:  # any failure: every layer back to its own forward, never half a set
+            self.restore()
+            raise
+
+    def _reconcile(self, plan: Plan) -> dict[str, int]:
         stats = {"built": 0, "strengths": 0, "restored": 0, "kept": 0}
         self.skipped = []
         for name in [n for n in self.layers if n not in plan]:

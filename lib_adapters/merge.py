@@ -1,7 +1,7 @@
 """`python -m lib_adapters merge`: bake the adapters named by prompt tags into a single-file checkpoint.
 
 Everything that can fail is checked before the output is written (names, files, families, layer fits); the
-checkpoint is read once into one buffer, merged in place weight by weight (math in float32, cast back once) and
+checkpoint is read once into one buffer, merged in place weight by weight (math in float32, rounded once to the output dtype) and
 written tensor by tensor, so about one copy of it is held. Keys no adapter touches are written back bit-identical.
 """
 
@@ -16,7 +16,7 @@ import torch
 
 from .adapter import Adapter
 from .errors import AdapterError
-from .files import load_tensors, read_header, save_tensors
+from .files import load_tensors, read_header, refuse_same_file, save_tensors
 from .library import AdapterIndex
 from .naming import DIT_FAMILY_NAMES, LayerMap, build_plan
 from .patching import Plan, compute
@@ -47,16 +47,26 @@ def checkpoint_layer_map(path: str) -> LayerMap:
     return layer_map
 
 
-def merge_in_place(tensors: dict[str, torch.Tensor], plan: Plan) -> int:
-    """Apply `plan` to `tensors`, writing each new weight (and bias) into its existing storage; returns the count."""
+def _store(tensors: dict[str, torch.Tensor], name: str, value: torch.Tensor, dtype: torch.dtype | None) -> None:
+    """The merged float32 `value` rounded once: into the tensor's own storage, or (another output dtype) as a new
+    tensor of that dtype, never through the base's dtype first."""
+    old = tensors[name]
+    if dtype is not None and old.is_floating_point() and dtype != old.dtype:
+        tensors[name] = value.to(dtype)
+    else:
+        old.copy_(value.to(old.dtype))
+
+
+def merge_in_place(tensors: dict[str, torch.Tensor], plan: Plan, dtype: torch.dtype | None = None) -> int:
+    """Apply `plan` to `tensors`, writing each new weight (and bias) into its existing storage (or, for an output
+    `dtype` other than the weight's, as a tensor of that dtype); returns the count."""
     for name, ops in plan.items():
         bias_name = next((op.target.bias for op in ops if op.target.bias and op.target.bias in tensors), None)
-        weight = tensors[name]
         bias = tensors[bias_name] if bias_name else None
-        new_w, new_b = compute(ops, weight, bias)  # a layer that does not fit raises AdapterError naming its file
-        weight.copy_(new_w.to(weight.dtype))
+        new_w, new_b = compute(ops, tensors[name], bias)  # a layer that does not fit raises AdapterError naming its file
+        _store(tensors, name, new_w, dtype)
         if bias is not None and new_b is not None:
-            bias.copy_(new_b.to(bias.dtype))
+            _store(tensors, bias_name, new_b, dtype)
     return len(plan)
 
 
@@ -69,6 +79,7 @@ def merge(checkpoint: str, lora_dirs: list[str], out: str, prompt: str, dtype: s
     if not out_dir.is_dir():
         raise AdapterError(out, f"the output folder {out_dir} does not exist")
     entries = find_adapters(prompt, lora_dirs)
+    refuse_same_file(out, [checkpoint] + [a.path for a, _, _ in entries])
     layer_map = checkpoint_layer_map(checkpoint)
     plan, unmatched = build_plan(entries, layer_map)
     for adapter, _, _ in entries:
@@ -80,7 +91,7 @@ def merge(checkpoint: str, lora_dirs: list[str], out: str, prompt: str, dtype: s
         log("note: the prompt names no <lora:…> tags; the checkpoint is written unchanged"
             + (f" (as {dtype})" if dtype != "keep" else ""))
     header, tensors = load_tensors(checkpoint)
-    count = merge_in_place(tensors, plan)
+    count = merge_in_place(tensors, plan, DTYPES[dtype])
     metadata = dict(header.metadata)
     metadata["lib_adapters.merged"] = json.dumps(
         [{"file": os.path.basename(a.path), "unet": u, "te": t} for a, u, t in entries])

@@ -253,12 +253,18 @@ def compute(ops: list[Operation], weight: Tensor, bias: Tensor | None, out: Tens
     except (ShapeMismatch, RuntimeError, IndexError) as e:  # a layer whose tensors do not fit, caught late
         if usable:
             out.copy_(weight)
-        if op is None:
+        if op is None or out_of_memory(e):
             raise
         path, _, rest = op.source.partition("|")
         raise AdapterError(path, f"layer {rest.rpartition('|')[2] or op.target.weight!r} does not fit "
                                  f"{op.target.weight}: {e}") from None
     return w, b
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """An allocation failure (CUDA's OutOfMemoryError, the CPU allocator's RuntimeError): not the adapter's fault."""
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "not enough memory" in str(e) \
+        or "out of memory" in str(e).lower()
 
 
 def compute_bias(ops: list[Operation], bias: Tensor) -> Tensor:
@@ -284,6 +290,7 @@ class Patcher:
         self.originals: dict[str, Tensor] = {}
         self.applied: dict[str, tuple] = {}
         self.bias_of: dict[str, str] = {}
+        self.dirty: set[str] = set()  # weights being written: neither original nor as `applied` says
         self.workspace = Workspace()  # compute buffers reused from weight to weight; released when nothing is applied
 
     def _original(self, name: str) -> Tensor:
@@ -304,56 +311,85 @@ class Patcher:
     def reconcile(self, plan: Plan) -> dict[str, int]:
         """Make the store equal originals + `plan`; returns counts of recomputed, restored and kept weights.
 
-        On an AdapterError (a layer that does not fit its weight) the failing weight is back at its original and
-        no longer counted as applied; reconcile again without that adapter to reach the requested state.
+        Any exception on the way (a layer that does not fit, out of memory, KeyboardInterrupt) puts every touched
+        weight back at its original, nothing counted as applied, and propagates; a call interrupted even inside
+        that clean-up is finished by the next call (weights being written are marked dirty until done).
         """
         stats = {"recomputed": 0, "restored": 0, "kept": 0}
-        for name in list(self.applied):
-            if name not in plan:
-                self._restore_one(name)
-                stats["restored"] += 1
-        for name, ops in plan.items():
-            bias_name = next((op.target.bias for op in ops if op.target.bias), None)
-            signature = tuple(op.signature for op in ops)
-            if self.applied.get(name) == signature:
-                stats["kept"] += 1
-                continue
-            current = self.store.get(name)
-            weight = self._original(name).to(current.device)  # compute where the model lives (GPU), not on the backup
-            bias = self._original(bias_name).to(current.device) if bias_name and self.store.has(bias_name) else None
-            if getattr(self.store, "in_place", False):
-                live = current
-            else:  # the store takes a new tensor: build it in the store's dtype (cast once, no float32 copy)
-                live = torch.empty(current.shape, dtype=current.dtype, device=current.device)
-            try:
-                new_w, new_b = compute(ops, weight, bias, out=live, workspace=self.workspace)
-            except AdapterError:
-                self._reset_one(name, bias_name if bias is not None else None)
-                raise
-            self._write(name, new_w)
-            if bias_name and bias is not None:
-                self._write(bias_name, new_b)
-                self.bias_of[name] = bias_name
-            self.applied[name] = signature
-            stats["recomputed"] += 1
+        try:
+            self._settle()
+            for name in list(self.applied):
+                if name not in plan:
+                    self._restore_one(name)
+                    stats["restored"] += 1
+            for name, ops in plan.items():
+                bias_name = next((op.target.bias for op in ops if op.target.bias), None)
+                signature = tuple(op.signature for op in ops)
+                if self.applied.get(name) == signature:
+                    stats["kept"] += 1
+                    continue
+                self._recompute(name, ops, bias_name)
+                self.applied[name] = signature
+                self.dirty.discard(name)
+                stats["recomputed"] += 1
+        except BaseException:
+            self._rollback()
+            raise
         if not self.applied:
             self.workspace.release()
         return stats
 
-    def _reset_one(self, name: str, bias_name: str | None) -> None:
-        """Put one weight (and its bias) back to the original, keeping the backup; it is no longer applied."""
-        self.store.set(name, self.originals[name])
-        if bias_name:
-            self.store.set(bias_name, self.originals[bias_name])
+    def _recompute(self, name: str, ops: list[Operation], bias_name: str | None) -> None:
+        """Write originals + `ops` into one weight (and its bias); it stays dirty until the caller records it."""
+        current = self.store.get(name)
+        weight = self._original(name).to(current.device)  # compute where the model lives (GPU), not on the backup
+        bias = self._original(bias_name).to(current.device) if bias_name and self.store.has(bias_name) else None
+        self.dirty.add(name)
         self.applied.pop(name, None)
-        self.bias_of.pop(name, None)
+        if bias is not None:
+            self.bias_of[name] = bias_name
+        if getattr(self.store, "in_place", False):
+            live = current
+        else:  # the store takes a new tensor: build it in the store's dtype (cast once, no float32 copy)
+            live = torch.empty(current.shape, dtype=current.dtype, device=current.device)
+        new_w, new_b = compute(ops, weight, bias, out=live, workspace=self.workspace)
+        self._write(name, new_w)
+        if bias is not None:
+            self._write(bias_name, new_b)
+
+    def _put_back(self, name: str) -> None:
+        """One weight (and its bias) at its original, backups kept."""
+        if name in self.originals:
+            self.store.set(name, self.originals[name])
+        bias_name = self.bias_of.get(name)
+        if bias_name in self.originals:
+            self.store.set(bias_name, self.originals[bias_name])
+
+    def _settle(self) -> None:
+        """Weights an interrupted call left half-written go back to their originals."""
+        for name in list(self.dirty):
+            self._put_back(name)
+            self.applied.pop(name, None)
+            self.bias_of.pop(name, None)
+            self.dirty.discard(name)
+
+    def _rollback(self) -> None:
+        """Every touched weight back at its original, nothing applied: the state after any failed reconcile."""
+        self.dirty.update(self.applied)
+        self.applied.clear()
+        self._settle()
+        for name, t in list(self.originals.items()):  # biases and weights reset earlier in this call
+            self.store.set(name, t)
+        self.originals.clear()
 
     def _restore_one(self, name: str) -> None:
-        self.store.set(name, self.originals.pop(name))
-        bias_name = self.bias_of.pop(name, None)
-        if bias_name in self.originals:
-            self.store.set(bias_name, self.originals.pop(bias_name))
+        self.dirty.add(name)
         del self.applied[name]
+        self._put_back(name)
+        bias_name = self.bias_of.pop(name, None)
+        self.originals.pop(bias_name, None)
+        self.originals.pop(name, None)
+        self.dirty.discard(name)
 
     def restore(self) -> None:
         """Put every touched weight back, bit-exactly."""

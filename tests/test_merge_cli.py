@@ -189,3 +189,59 @@ def test_command_line_entry_point_exit_codes(setup):
     bad = subprocess.run(cmd + ["<lora:nosuch:1>"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode != 0 and "nosuch" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     assert not (d / "cli.safetensors").exists()
+
+
+@pytest.mark.parametrize("dtype,want", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_output_dtype_rounds_the_fp32_merge_once_not_through_the_base_dtype(setup, dtype, want):
+    """fp16 base, --dtype fp32/bf16: merged weights are the fp32 math (as from an fp32 copy of the same base)
+    rounded once to the output dtype; untouched ones the base converted."""
+    d, _ = setup
+    rc, out = run(d, "<lora:alpha:0.9>", base="base16.safetensors", out=f"o16-{dtype}.safetensors", extra=["--dtype", dtype])
+    rc2, ref = run(d, "<lora:alpha:0.9>", base="base16up.safetensors", out="o16up.safetensors")
+    assert rc == rc2 == 0
+    base, merged, exact = load_tensors(d / "base16.safetensors")[1], load_tensors(out)[1], load_tensors(ref)[1]
+    changed = [k for k, v in base.items() if v.dtype == torch.float16 and not torch.equal(exact[k], v.float())]
+    assert changed
+    for k, v in base.items():
+        if not v.is_floating_point():
+            continue
+        assert merged[k].dtype == want and torch.equal(merged[k], exact[k].to(want)), k
+    if want == torch.float32:  # values no fp16 could hold: not rounded through the base's dtype
+        assert any(not torch.equal(merged[k], merged[k].half().float()) for k in changed)
+
+
+@pytest.mark.parametrize("how", ["same-path", "adapter", "linked-folder", "hard-link"])
+def test_merge_refuses_an_output_that_is_one_of_its_inputs(setup, tmp_path, how):
+    d, _ = setup
+    base = tmp_path / "base.safetensors"
+    base.write_bytes((d / "base.safetensors").read_bytes())
+    adapter = d / "loras" / "alpha.safetensors"
+    if how == "same-path":
+        out = base
+    elif how == "adapter":
+        out = adapter
+    elif how == "linked-folder":
+        os.symlink(tmp_path, tmp_path / "link")
+        out = tmp_path / "link" / "base.safetensors"
+    else:
+        os.link(base, tmp_path / "hard.safetensors")
+        out = tmp_path / "hard.safetensors"
+    before = {p: p.read_bytes() for p in (base, adapter)}
+    argv = ["merge", "--checkpoint", str(base), "--lora-dir", str(d / "loras"), "--out", str(out), "<lora:alpha:1>"]
+    assert main(argv) == 2
+    assert all(p.read_bytes() == data for p, data in before.items())
+    assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
+
+
+def test_convert_refuses_an_output_reaching_its_input_through_a_linked_folder(tmp_path):
+    from lib_adapters.convert import convert_file
+    from lib_adapters.errors import AdapterError
+
+    src = tmp_path / "a.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.ones(2, 4), "lora_unet_x.lora_up.weight": torch.ones(4, 2)},
+              str(src))
+    os.symlink(tmp_path, tmp_path / "link")
+    data = src.read_bytes()
+    with pytest.raises(AdapterError, match="the same file on disk"):
+        convert_file(src, tmp_path / "link" / "a.safetensors", "diffusers")
+    assert src.read_bytes() == data

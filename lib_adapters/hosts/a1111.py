@@ -122,8 +122,8 @@ class A1111Backend:
             state.forward.reconcile(forward)
             if forward or state.forward.layers:
                 stats["forward"] = len(state.forward.layers)
-        except Exception:
-            state.patcher.restore()  # never leave a half-applied set behind
+        except BaseException:  # KeyboardInterrupt and out-of-memory too: never a half-applied set
+            state.patcher.restore()
             state.forward.restore()
             state.te_signature = {}
             clear_cond_cache(p)

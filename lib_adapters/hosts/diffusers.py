@@ -109,8 +109,7 @@ class DiffusersAdapters:
         try:
             with torch.no_grad():
                 stats = self.patcher.reconcile(plan)
-        except AdapterError:
-            self.patcher.restore()  # never leave a half-applied set: back to the originals
+        except BaseException:  # any failure (KeyboardInterrupt, out of memory too): the patcher is at the originals
             self.active = []
             raise
         self.active = resolved

@@ -277,6 +277,20 @@ class ForgeBackend:
         if engine is None:
             return {}
         state = self.state_for(engine)
+        try:
+            return self._apply(p, engine, state, plan, scheduled)
+        except BaseException:  # KeyboardInterrupt and out-of-memory too: the engine's own patchers, nothing else
+            for fe in state.forward.values():
+                fe.restore()
+            state.last.clear()
+            base = engine.forge_objects_original
+            engine.forge_objects.unet, engine.forge_objects.clip = base.unet, base.clip
+            engine.forge_objects_after_applying_lora = engine.forge_objects.shallow_copy()
+            state.te_signature = {}
+            clear_cond_cache(p)
+            raise
+
+    def _apply(self, p, engine, state: EngineState, plan: Plan, scheduled) -> dict:
         if state.own is not None:
             state.own.restore()  # before Forge merges (and backs up) anything of the next generation
         register_calculators()
@@ -284,25 +298,25 @@ class ForgeBackend:
         plan = {w: ops for w, ops in plan.items() if w not in scheduled}
         base = engine.forge_objects_original
         stats = {"unet": 0, "clip": 0, "rebuilt": 0, "skipped": 0, "forward": 0}
-        chosen = {}
+        chosen, last_now = {}, {}
         for component, patches in self.patches(state, plan).items():
             original = getattr(base, component)
             stats[component] = len(patches)
             if not patches or original is None:
                 chosen[component] = original
-                state.last.pop(component, None)
                 continue
             ident = identifier(component, patches)
             last = state.last.get(component)
             if last and last[0] == ident and last[1] is original:
                 chosen[component] = last[2]  # same patcher object: Forge will not re-merge anything
+                last_now[component] = last
                 continue
             clone = original.clone()
             accepted = clone.add_patches(filename=ident, patches=patches, strength_patch=1.0, strength_model=1.0,
                                          online_mode=False)
             stats["skipped"] += len(patches) - len(accepted)
             stats["rebuilt"] += 1
-            state.last[component] = (ident, original, clone)
+            last_now[component] = (ident, original, clone)
             chosen[component] = clone
         for component, forward_plan in forward_plans.items():
             if forward_plan or component in state.forward:
@@ -313,6 +327,7 @@ class ForgeBackend:
         engine.forge_objects.unet = chosen["unet"]
         engine.forge_objects.clip = chosen["clip"]
         engine.forge_objects_after_applying_lora = engine.forge_objects.shallow_copy()
+        state.last = last_now  # only now: a failure above leaves no record of patchers that were never handed over
         te = te_signature({**plan, **forward_plans["clip"]})
         if te != state.te_signature:
             clear_cond_cache(p)

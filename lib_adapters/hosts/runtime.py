@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from ..adapter import Adapter
 from ..errors import AdapterError
+from ..patching import out_of_memory
 from ..naming.blocks import parse_block_weights
 from ..schedules import StepEntry, StepPlan, Strength
 from ..tag_options import tag_options, te_notice
@@ -156,6 +157,10 @@ class Runtime:
                 self.stepping = steps.Stepping(plan, backend, backend.model_of(p))
         except AdapterError as e:
             req.messages.append(f"{e}; no adapter is applied")
+            req.entries.clear()
+        except Exception as e:  # the backend put the model back at its originals: the image is made without adapters
+            what = "out of memory" if out_of_memory(e) else f"{type(e).__name__}: {e}"
+            req.messages.append(f"error: applying the adapters failed ({what}); no adapter is applied")
             req.entries.clear()
         infotext.write(p, req, order, self.hashes)
         self.report(p, req.messages)
