@@ -1,12 +1,14 @@
 """Per-step cost of a step schedule: a kohya LoRA r32 with `0@0,1@1` (its strength changes at every step) against the
 same LoRA at a fixed strength, on the full-size SD1.5 UNet (random weights, real config).
 
-    python -m bench.schedule [--latent 64] [--steps 6] [--device cpu] [--quick]
+    python -m bench.schedule [--latent 64] [--steps 4] [--rounds 2] [--device cpu] [--quick]
 
-Rows, each timed per sampling step (host work of the step + one UNet forward): `none` (no adapter), `fixed` (merged
-once, nothing per step), `re-merge` (StepPlan + Patcher.reconcile: the scheduled layers recomputed from their
-originals whenever their strength changes) and, when the forward-path engine exists, `forward` (scheduled layers
-applied in the forward pass, the strength a number). Results: bench/results/schedule.md (+ .json).
+Rows, each timed per sampling step (the step's host work + one UNet forward): `none` (no adapter), `fixed` (merged
+once: nothing per step), `re-merge` (StepPlan + Patcher.reconcile: the scheduled layers recomputed from their
+originals at every step where their strength changes) and `forward` (lib_adapters.forward: the scheduled layers
+applied in the forward pass from their factors, the strength a number). The rows take turns step by step (setting
+a row up is not timed), so a load that changes during the run touches every row alike. Results:
+bench/results/schedule.md (+ .json).
 """
 
 from __future__ import annotations
@@ -23,41 +25,27 @@ import torch
 
 ROOT = Path(__file__).resolve().parent
 SCHEDULE = "0@0,1@1"
-
-
-def _timed_steps(unet, inputs, steps: int, device: str, before_step=None) -> tuple[list[float], list[float]]:
-    """(whole step seconds, host-work seconds) for `steps` steps; `before_step(i)` is the per-step host work."""
-    from .memory import sync
-    from .step import timed_forward
-
-    whole, work = [], []
-    for i in range(steps):
-        t0 = time.perf_counter()
-        if before_step is not None:
-            before_step(i)
-            sync(device)
-        t1 = time.perf_counter()
-        timed_forward(unet, inputs, 1, device)
-        whole.append(time.perf_counter() - t0)
-        work.append(t1 - t0)
-    return whole, work
+ROWS = ("none", "fixed", "re-merge", "forward")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--latent", type=int, default=64, help="latent side (64 = 512 px)")
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=4, help="sampling steps of the schedule")
+    ap.add_argument("--rounds", type=int, default=2, help="passes over the steps")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "results" / "schedule"))
     args = ap.parse_args(argv)
     from lib_adapters.adapter import Adapter
+    from lib_adapters.forward import ForwardEngine
     from lib_adapters.naming import LayerMap
     from lib_adapters.patching import ModuleStore, Patcher
     from lib_adapters.schedules import StepEntry, StepPlan, parse_strength
 
     from .adapters import lycoris_file
+    from .memory import sync
     from .models import Components, build
     from .step import _inputs
     from .worker import quiet
@@ -74,69 +62,86 @@ def main(argv=None) -> int:
         lycoris_file("lora", {k: v.cpu() for k, v in components.items()}, path, seed=7)
     adapter = Adapter.load(path)
     root = Components(components)
-    store = ModuleStore(root)
     layer_map = LayerMap.for_diffusers({k: m.state_dict() for k, m in components.items()})
     unet = components["unet"]
-    inputs = _inputs(unet, args.latent, args.device, torch.float32)
+    x, t, ctx, kw = _inputs(unet, args.latent, args.device, torch.float32)
     n = args.steps
-    res: dict = {"latent": args.latent, "steps": n, "device": args.device, "threads": torch.get_num_threads(),
-                 "adapter": os.path.basename(path), "schedule": SCHEDULE}
-
-    _timed_steps(unet, inputs, 1, args.device)  # warm-up
-    res["none"] = _timed_steps(unet, inputs, n, args.device)[0]
-
     fixed = StepPlan([StepEntry(adapter, 1.0, 1.0)], layer_map)
-    patcher = Patcher(store)
-    patcher.reconcile(fixed.plan_at(0, n))
-    res["fixed"] = _timed_steps(unet, inputs, n, args.device)[0]
-    patcher.restore()
-    res["touched_weights"] = len(fixed.plan_at(0, n))
-
     scheduled = StepPlan([StepEntry(adapter, parse_strength(SCHEDULE), 1.0)], layer_map)
-    patcher = Patcher(store)
-    res["re-merge"], res["re-merge work"] = _timed_steps(
-        unet, inputs, n, args.device, lambda i: patcher.reconcile(scheduled.plan_at(i, n)))
+    keep = frozenset({0})
+    patcher = Patcher(ModuleStore(root))
+    engine = ForwardEngine(root)
+
+    def setup(row: str) -> None:
+        """Untimed: the model as the row starts a step (merged, originals, or originals with the forward path)."""
+        engine.restore()
+        if row == "fixed":
+            patcher.reconcile(fixed.plan_at(0, n))
+        elif row == "forward":
+            patcher.reconcile({})
+            engine.reconcile(scheduled.plan(scheduled.values(0, n), keep))
+        else:
+            patcher.reconcile({})
+
+    def work(row: str, i: int) -> None:
+        """Timed: the row's host work at step i (what the cfg_denoiser callback does)."""
+        if row == "re-merge":
+            patcher.reconcile(scheduled.plan_at(i, n))
+        elif row == "forward":
+            engine.reconcile(scheduled.plan(scheduled.values(i, n), keep))
+
+    unet(x, t, ctx, **kw)  # warm-up
+    res: dict = {"latent": args.latent, "steps": n, "rounds": args.rounds, "device": args.device,
+                 "threads": torch.get_num_threads(), "adapter": os.path.basename(path), "schedule": SCHEDULE,
+                 "touched_weights": len(fixed.plan_at(0, n)), "scheduled_weights": len(scheduled.scheduled_weights)}
+    for row in ROWS:
+        res[row], res[row + " work"] = [], []
+    for _ in range(args.rounds):
+        for i in range(n):
+            for row in ROWS:
+                setup(row)
+                if row == "re-merge" and i:
+                    patcher.reconcile(scheduled.plan_at(i - 1, n))  # as after the previous step
+                if row == "forward" and i:
+                    engine.reconcile(scheduled.plan(scheduled.values(i - 1, n), keep))
+                sync(args.device)
+                t0 = time.perf_counter()
+                work(row, i)
+                sync(args.device)
+                t1 = time.perf_counter()
+                unet(x, t, ctx, **kw)
+                sync(args.device)
+                res[row].append(time.perf_counter() - t0)
+                res[row + " work"].append(t1 - t0)
+    engine.restore()
     patcher.restore()
-
-    try:
-        from lib_adapters import forward  # noqa: F401  (the forward-path engine, when it exists)
-    except ImportError:
-        res["forward"] = None
-    else:
-        res["forward"], res["forward work"] = forward_row(forward, unet, inputs, n, args.device, store, scheduled)
-
-    fixed_again = Patcher(store)
-    fixed_again.reconcile(fixed.plan_at(0, n))
-    res["fixed (again)"] = _timed_steps(unet, inputs, n, args.device)[0]
-    fixed_again.restore()
+    res["forward_bytes"] = forward_bytes(root, scheduled, keep, n)
     write(res, args.out)
     return 0
 
 
-def forward_row(forward, unet, inputs, n, device, store, scheduled):
-    """The scheduled layers in the forward pass (lib_adapters.forward), strengths set per step."""
-    engine = forward.ForwardAdapters(store)
-    engine.apply(scheduled.plan_at(0, n))
+def forward_bytes(root, scheduled, keep, n) -> int:
+    from lib_adapters.forward import ForwardEngine
+
+    engine = ForwardEngine(root)
+    engine.reconcile(scheduled.plan(scheduled.values(0, n), keep))
     try:
-        return _timed_steps(unet, inputs, n, device, lambda i: engine.apply(scheduled.plan_at(i, n)))
+        return engine.nbytes()
     finally:
-        engine.remove()
+        engine.restore()
 
 
 def write(res: dict, out: str) -> None:
-    base = statistics.median(res["fixed"] + res["fixed (again)"])
+    base = statistics.median(res["fixed"])
     lines = [f"# Step schedule cost (SD1.5 UNet, {res['latent'] * 8} px, {res['device']}, {res['threads']} threads)",
-             "", f"kohya LoRA r32 ({res['touched_weights']} UNet+TE weights), schedule `{res['schedule']}` over "
-             f"{res['steps']} steps; median seconds per step (host work + one UNet forward).", "",
+             "", f"kohya LoRA r32 ({res['touched_weights']} UNet+TE weights, {res['scheduled_weights']} scheduled), "
+             f"schedule `{res['schedule']}` over {res['steps']} steps × {res['rounds']} rounds, rows taking turns; "
+             f"median seconds per step (host work + one UNet forward). Forward path factors: "
+             f"{res['forward_bytes'] / 2**20:.1f} MiB.", "",
              "| row | step | host work | vs fixed |", "| --- | --- | --- | --- |"]
-    for row in ("none", "fixed", "re-merge", "forward", "fixed (again)"):
-        times = res.get(row)
-        if not times:
-            continue
-        work = res.get(f"{row} work")
-        med = statistics.median(times)
-        lines.append(f"| {row} | {med:.3f} s | {statistics.median(work):.3f} s | {med / base:.3f}× |" if work else
-                     f"| {row} | {med:.3f} s | – | {med / base:.3f}× |")
+    for row in ROWS:
+        med = statistics.median(res[row])
+        lines.append(f"| {row} | {med:.3f} s | {statistics.median(res[row + ' work']):.4f} s | {med / base:.3f}× |")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out + ".md").write_text("\n".join(lines) + "\n")
     Path(out + ".json").write_text(json.dumps(res, indent=1))

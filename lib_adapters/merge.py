@@ -19,21 +19,31 @@ from .errors import AdapterError
 from .files import load_tensors, read_header, refuse_same_file, save_tensors
 from .library import AdapterIndex
 from .naming import DIT_FAMILY_NAMES, LayerMap, build_plan
+from .naming.blocks import load_presets, parse_block_weights
 from .patching import Plan, compute
-from .tags import combine, parse_prompt
+from .tag_options import prompt_adapters
 
 DTYPES = {"keep": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 CHECKPOINT_MARKER = "model.diffusion_model."
 
 
-def find_adapters(prompt: str, lora_dirs: list[str]) -> list[tuple[Adapter, float, float]]:
-    """[(Adapter, unet strength, te strength)] for the tags of `prompt`, in prompt order (repeats summed)."""
+def find_adapters(prompt: str, lora_dirs: list[str]) -> list[tuple[Adapter, float, float, str | None, float, str]]:
+    """[(Adapter, unet strength, te strength, lbw= as written, x=, tag)] for the tags of `prompt`, in prompt order
+    (repeats summed); a schedule is refused (it has no meaning in a merge)."""
     for d in lora_dirs:
         if not Path(d).is_dir():
             raise AdapterError(d, "--lora-dir is not a folder")
-    _, tags = parse_prompt(prompt)
     index = AdapterIndex(lora_dirs)
-    return [(Adapter.load(path), tag.unet, tag.te) for path, tag in combine(tags, index.find)]
+    _, found = prompt_adapters(prompt, index.find, schedules="merge")
+    return [(Adapter.load(a.path), a.unet, a.te, a.lbw, a.x, a.tag) for a in found]
+
+
+def plan_entries(found, layer_map: LayerMap, lora_dirs) -> list[tuple]:
+    """build_plan entries with block weights read for the model's family (presets: the common ones and
+    `lbwpresets.txt` in the adapter folders)."""
+    presets = load_presets(lora_dirs) if any(lbw for _, _, _, lbw, _, _ in found) else None
+    return [(adapter, unet, te, parse_block_weights(lbw, layer_map.family, presets, x, tag) if lbw else None)
+            for adapter, unet, te, lbw, x, tag in found]
 
 
 def checkpoint_layer_map(path: str) -> LayerMap:
@@ -78,11 +88,12 @@ def merge(checkpoint: str, lora_dirs: list[str], out: str, prompt: str, dtype: s
     out_dir = Path(out).resolve().parent
     if not out_dir.is_dir():
         raise AdapterError(out, f"the output folder {out_dir} does not exist")
-    entries = find_adapters(prompt, lora_dirs)
-    refuse_same_file(out, [checkpoint] + [a.path for a, _, _ in entries])
+    found = find_adapters(prompt, lora_dirs)
+    refuse_same_file(out, [checkpoint] + [a.path for a, *_ in found])
     layer_map = checkpoint_layer_map(checkpoint)
+    entries = plan_entries(found, layer_map, lora_dirs)
     plan, unmatched = build_plan(entries, layer_map)
-    for adapter, _, _ in entries:
+    for adapter, *_ in entries:
         missing = unmatched.get(adapter.path) or []
         if missing:
             shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
@@ -94,7 +105,8 @@ def merge(checkpoint: str, lora_dirs: list[str], out: str, prompt: str, dtype: s
     count = merge_in_place(tensors, plan, DTYPES[dtype])
     metadata = dict(header.metadata)
     metadata["lib_adapters.merged"] = json.dumps(
-        [{"file": os.path.basename(a.path), "unet": u, "te": t} for a, u, t in entries])
+        [{"file": os.path.basename(a.path), "unet": u, "te": t, **({"lbw": lbw} if lbw else {})}
+         for a, u, t, lbw, _, _ in found])
     save_tensors(out, tensors, metadata, DTYPES[dtype])
     family = f"{layer_map.family}: {layer_map.detail}" if layer_map.detail else layer_map.family
     return {"out": out, "weights_changed": count, "adapters": len(entries), "family": family}

@@ -54,6 +54,12 @@ class Operation:
 Plan = dict[str, list[Operation]]
 
 
+def nonzero(plan: Plan) -> Plan:
+    """The plan without its zero-strength operations (a weight left with none is dropped: not touched)."""
+    kept = {w: [op for op in ops if op.strength] for w, ops in plan.items()}
+    return {w: ops for w, ops in kept.items() if ops}
+
+
 class WeightStore(Protocol):
     """Anything holding named weights: a state dict, an nn.Module, a host's model."""
 

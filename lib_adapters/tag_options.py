@@ -112,3 +112,43 @@ def te_notice(tag: str, options: TagOptions, hires: bool = False) -> str | None:
         return None
     return f"{tag}: the text encoder runs once, before sampling: its scheduled strength is taken at the first step " \
            f"({first(te):g})"
+
+
+@dataclass
+class PromptAdapter:
+    """One adapter a prompt names, outside the WebUI: its file, strengths, block weights as written, first tag."""
+
+    path: str
+    unet: Strength
+    te: Strength
+    lbw: str | None
+    x: float
+    tag: str
+
+
+def prompt_adapters(prompt: str, find, order: str = "unet,te", default: float = 1.0,
+                    schedules: str | None = None) -> tuple[str, list[PromptAdapter]]:
+    """(prompt without its tags, the adapters it names in prompt order): names resolved by `find`; the same file
+    with the same block weights is one adapter with its strengths summed. `schedules`: where a schedule has no
+    meaning (e.g. "merge"), refused there with a message naming the tag."""
+    from .tags import TAG
+
+    found: dict[tuple, PromptAdapter] = {}
+    for m in TAG.finditer(prompt):
+        body = m.group(2)
+        tag = f"<lora:{body}>"
+        name, *items = body.split(":")
+        if not name.strip():
+            raise AdapterError(None, f"malformed tag {tag}: no adapter name")
+        options = tag_options(items, order, default, tag)
+        if schedules and options.scheduled:
+            raise AdapterError(None, f"{tag}: a schedule changes the strength between sampling steps, which has no "
+                                     f"meaning in {schedules}; give one strength")
+        path = str(find(name.strip()))
+        key = (path, options.lbw, options.x if options.lbw else None)
+        if key in found:
+            found[key].unet += options.unet
+            found[key].te += options.te
+        else:
+            found[key] = PromptAdapter(path, options.unet, options.te, options.lbw, options.x, tag)
+    return TAG.sub("", prompt).strip(), list(found.values())

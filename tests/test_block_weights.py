@@ -235,3 +235,78 @@ def test_layers_outside_every_block_keep_weight_one():
     assert bw.of("model.diffusion_model.time_embed.0.weight") == 1.0
     assert bw.of("cond_stage_model.transformer.text_model.final_layer_norm.weight") == 1.0
     assert bw.of("model.diffusion_model.input_blocks.1.1.proj_in.weight") == 0.0
+
+
+# ---- merge and the diffusers host ----------------------------------------------------------------------------------
+
+def kohya_file(path, ckpt, seed=0):
+    """A kohya LoRA (sgm names) on layers of several blocks and the text encoder, shapes from the checkpoint."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for weight in ("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",
+                   "model.diffusion_model.output_blocks.3.1.proj_out.weight",
+                   "model.diffusion_model.output_blocks.9.1.transformer_blocks.0.ff.net.2.weight",
+                   "model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_v.weight",
+                   "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"):
+        key = ("lora_te_" + weight.split("transformer.", 1)[1] if weight.startswith("cond") else
+               "lora_unet_" + weight[len("model.diffusion_model."):]).rsplit(".", 1)[0].replace(".", "_")
+        shape = ckpt[weight].shape
+        tensors[f"{key}.lora_down.weight"] = torch.randn(2, *shape[1:], generator=g) * 0.3
+        tensors[f"{key}.lora_up.weight"] = torch.randn(shape[0], 2, *([1, 1] if len(shape) == 4 else []),
+                                                       generator=g) * 0.3
+    save_file(tensors, str(path), {"ss_base_model_version": "sd_v1"})
+
+
+def test_merge_applies_block_weights_and_refuses_schedules(tmp_path):
+    from safetensors.torch import save_file
+
+    from lib_adapters.files import load_tensors
+    from lib_adapters.merge import merge
+
+    _, ckpt = tiny("sd1")
+    base = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in ckpt.items()}, str(base))
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    kohya_file(loras / "a.safetensors", ckpt)
+    (loras / "lbwpresets.txt").write_text("MINE:1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,0.5\n")
+    out = tmp_path / "out.safetensors"
+    merge(str(base), [str(loras)], str(out), "x <lora:a:0.7:0.4:lbw=MINE>", log=lambda m: None)
+    merged = load_tensors(str(out))[1]
+    lm = LayerMap.for_checkpoint(ckpt)
+    blocks = parse_block_weights("MINE", "sd1", load_presets([str(loras)]))
+    plan, _ = build_plan([(Adapter.load(str(loras / "a.safetensors")), 0.7, 0.4, blocks)], lm)
+    want = {k: v.clone() for k, v in ckpt.items()}
+    Patcher(StateDictStore(want)).reconcile(plan)
+    assert all(torch.equal(merged[k], want[k]) for k in ckpt)
+    to_q = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"  # IN01 weighs 0
+    assert torch.equal(merged[to_q], ckpt[to_q])
+    assert not torch.equal(merged["model.diffusion_model.output_blocks.9.1.transformer_blocks.0.ff.net.2.weight"],
+                           ckpt["model.diffusion_model.output_blocks.9.1.transformer_blocks.0.ff.net.2.weight"])
+    bad = tmp_path / "bad.safetensors"
+    for tag, words in (("<lora:a:0@0,1@1>", ["no meaning in merge"]), ("<lora:a:1:lbw=1,1>", ["2 block weights"])):
+        with pytest.raises(AdapterError) as e:
+            merge(str(base), [str(loras)], str(bad), tag, log=lambda m: None)
+        assert tag in str(e.value) and all(w in str(e.value) for w in words) and not bad.exists()
+
+
+def test_diffusers_host_takes_block_weights_in_tags_and_lists(tmp_path):
+    from lib_adapters.hosts.diffusers import DiffusersAdapters
+
+    comps, ckpt = tiny("sd1")
+    comps = build_tiny("sd1", seed=7)
+    kohya_file(tmp_path / "a.safetensors", ckpt)
+    before = {k: v.clone() for k, v in comps["unet"].state_dict().items()}
+    with DiffusersAdapters(unet=comps["unet"], text_encoder=comps["text_encoder"], lora_dirs=[tmp_path]) as ad:
+        text = ad.apply_prompt("a fox <lora:a:1:lbw=OUTS>")
+        after = comps["unet"].state_dict()
+        changed = {k for k in before if not torch.equal(before[k], after[k])}
+        assert text == "a fox" and changed == {"up_blocks.3.attentions.0.transformer_blocks.0.ff.net.2.weight"}
+        ad.apply([(str(tmp_path / "a.safetensors"), 1.0, 1.0, "OUTD")])  # OUT03-OUT06: up_blocks.1
+        changed = {k for k in before if not torch.equal(before[k], comps["unet"].state_dict()[k])}
+        assert changed == {"up_blocks.1.attentions.0.proj_out.weight"}
+        with pytest.raises(AdapterError, match="one strength per image"):
+            ad.apply_prompt("<lora:a:0@0,1@1>")
+    assert all(torch.equal(before[k], v) for k, v in comps["unet"].state_dict().items())

@@ -74,6 +74,9 @@ def test_a_ramp_moves_the_unet_every_step_and_the_text_encoder_takes_the_first_v
                    (scaled(effects, model, dict.fromkeys(te_keys, 1.0)), 0.0, 0.3)]
         assert_weights(snap, original, applied)
     assert "first step (0.3)" in res.comments and res.comments.count("first step") == 1
+    stored = host.params()  # five steps, four changes: the UNet layers ran on the forward path, weights untouched
+    assert all(torch.equal(stored[live_name(KEYS["sd1"][k][0], model)], original[live_name(KEYS["sd1"][k][0], model)])
+               for k in unet_keys)
     _, seen, _ = host.generate("plain")
     assert all(torch.equal(v, original[k]) for k, v in seen["first_pass"][0].items())
 
@@ -196,6 +199,25 @@ def test_forge_moves_scheduled_weights_every_step_outside_its_patchers(forge_hos
     patched = {key for ident, patches in engine.forge_objects_after_applying_lora.unet.lora_patches.items()
                for key in patches}
     assert not patched  # the scheduled adapter never entered Forge's UNet patches
+    _, seen, _ = forge_host.generate("plain")
+    assert all(torch.equal(v, original[k]) for k, v in seen["first_pass"][0].items())
+
+
+def test_forge_ramp_runs_on_the_forward_path_outside_its_patchers(forge_host):
+    from fake_host.models import forge_engine
+
+    engine = forge_host.use(forge_engine("sd1", seed=1))
+    effects = forge_lora(forge_host, "a", seed=2)
+    original = forge_host.snapshot()
+    _, seen, _ = forge_host.generate("<lora:a:1@0,0@1:te=0.5>", steps=5, per_step=True)
+    unet = {k: v for k, v in effects.items() if k.startswith("u.")}
+    te = {k: v for k, v in effects.items() if k.startswith("c.")}
+    for i, snap in seen["first_pass steps"]:
+        assert_weights(snap, original, [(unet, 1 - i / 4, 0.0), (te, 0.0, 0.5)])
+    stored = forge_host.params()
+    assert all(torch.equal(stored[k], original[k]) for k in unet)
+    assert not any(k.startswith("diffusion_model.") for patches in
+                   engine.forge_objects_after_applying_lora.unet.lora_patches.values() for k in patches)
     _, seen, _ = forge_host.generate("plain")
     assert all(torch.equal(v, original[k]) for k, v in seen["first_pass"][0].items())
 

@@ -18,7 +18,7 @@ import torch
 from ..errors import AdapterError
 from ..forward import FLOAT8, ForwardEngine
 from ..naming import LayerMap
-from ..patching import ModuleStore, Patcher, Plan
+from ..patching import ModuleStore, Patcher, Plan, nonzero
 
 MODEL_PREFIXES = ("model.diffusion_model.", "cond_stage_model.", "conditioner.", "text_encoders.")  # SD3: text_encoders
 COND_CACHES = ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc")
@@ -108,19 +108,28 @@ class A1111Backend:
             raise AdapterError(None, "no model is loaded")
         return self.state_for(sd).layer_map
 
-    def apply(self, p, plan: Plan, scheduled=frozenset()) -> dict:
-        """Bring the model to exactly `plan` (scheduled weights too: `step` moves them); returns the counts."""
+    def takes(self, p):
+        """Which weights the forward path can take (scheduled layers that change often run there)."""
+        sd = self.model_of(p)
+        state = self.state_for(sd, create=False) if sd is not None else None
+        return state.forward.takes if state is not None else (lambda weight: False)
+
+    def apply(self, p, plan: Plan, forward: Plan | None = None, held=frozenset()) -> dict:
+        """Bring the model to exactly `plan` (merged; fp8 layers on the forward path) and `forward` (scheduled
+        layers on the forward path); zero-strength operations stay only on the forward path (a number there)."""
         sd = self.model_of(p)
         if sd is None:
             return {}
-        state = self.state_for(sd, create=bool(plan))
+        state = self.state_for(sd, create=bool(plan or forward))
         if state is None:
             return {}
-        forward = {w: ops for w, ops in plan.items() if self.forward_weight(state, w)}
+        fp8 = {w: ops for w, ops in plan.items() if self.forward_weight(state, w)}
+        merged = nonzero({w: ops for w, ops in plan.items() if w not in fp8})
         try:
-            stats = state.patcher.reconcile({w: ops for w, ops in plan.items() if w not in forward})
-            state.forward.reconcile(forward)
+            stats = state.patcher.reconcile(merged)
+            forward = {**fp8, **(forward or {})}
             if forward or state.forward.layers:
+                state.forward.reconcile(forward)
                 stats["forward"] = len(state.forward.layers)
         except BaseException:  # KeyboardInterrupt and out-of-memory too: never a half-applied set
             state.patcher.restore()
@@ -131,7 +140,7 @@ class A1111Backend:
         left_out = [(s.op.source.partition("|")[0], s.reason) for s in state.forward.skipped]
         if left_out:
             stats["left_out"] = left_out
-        te = te_signature(plan)
+        te = te_signature(merged)
         if te != state.te_signature:
             clear_cond_cache(p)
             state.te_signature = te
@@ -141,14 +150,10 @@ class A1111Backend:
     def forward_weight(state: ModelState, name: str) -> bool:
         return state.store.tensors[name].dtype in FLOAT8 and state.forward.takes(name)
 
-    def step(self, p, plan, values) -> dict:
-        """One sampling step's strengths: only the weights whose operations changed are recomputed; fp8 layers
-        (forward path) keep zero-strength terms, so a step there only sets numbers."""
-        state = self.state_for(self.model_of(p))
-        full = plan.plan(values, keep_zero=frozenset(range(len(plan.entries))))
-        stepped = {w: ops if self.forward_weight(state, w) else [op for op in ops if op.strength]
-                   for w, ops in full.items()}
-        return self.apply(p, {w: ops for w, ops in stepped.items() if ops})
+    def step(self, p, plan: Plan, forward: Plan, held=frozenset()) -> dict:
+        """One sampling step's strengths: merged weights whose operations changed are recomputed, forward-path
+        strengths are numbers."""
+        return self.apply(p, plan, forward)
 
     def release(self) -> None:
         """Restore the previous model's weights (it may live on in the checkpoint cache) and drop its state."""
@@ -156,6 +161,7 @@ class A1111Backend:
             return
         self.state.forward.restore()
         try:
+            self.state.forward.restore()
             self.state.patcher.restore()
         except Exception:  # its tensors may be gone (moved to meta by the host): nothing to restore
             pass

@@ -23,11 +23,12 @@ from ..errors import AdapterError
 from ..library import AdapterIndex
 from ..naming import LayerMap, build_plan
 from ..patching import FusedStore, ModuleStore, Patcher
-from ..tags import combine, parse_prompt
+from ..naming.blocks import load_presets, parse_block_weights
+from ..tag_options import prompt_adapters
 
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 AdapterSpec = Union[str, os.PathLike, Adapter]
-Entry = tuple  # (AdapterSpec, unet strength[, te strength])
+Entry = tuple  # (AdapterSpec, unet strength[, te strength[, lbw]])
 
 
 class ComponentStore(ModuleStore):
@@ -71,7 +72,7 @@ class DiffusersAdapters:
         self.index = AdapterIndex(list(lora_dirs)) if lora_dirs else None
         self.loaded: dict[str, tuple[float, Adapter]] = {}
         self.unmatched: dict[str, list[str]] = {}
-        self.active: list[tuple[Adapter, float, float]] = []
+        self.active: list[tuple] = []  # (Adapter, unet, te, blocks)
 
     @property
     def family(self) -> str:
@@ -92,15 +93,23 @@ class DiffusersAdapters:
         self.loaded[path] = (mtime, adapter)
         return adapter
 
-    def resolve(self, entries: Iterable[Entry]) -> list[tuple[Adapter, float, float]]:
-        """(Adapter, unet, te) for each entry: (spec, strength) or (spec, unet, te)."""
+    def resolve(self, entries: Iterable[Entry]) -> list[tuple]:
+        """(Adapter, unet, te, blocks) for each entry: (spec, strength), (spec, unet, te) or (spec, unet, te, lbw),
+        lbw a block-weight list or preset name as in `lbw=` (or a naming.blocks.BlockWeights)."""
         out = []
         for entry in entries:
             spec, *strengths = entry if isinstance(entry, (tuple, list)) else (entry,)
             unet = float(strengths[0]) if strengths else 1.0
             te = float(strengths[1]) if len(strengths) > 1 else unet
-            out.append((self.load(spec), unet, te))
+            blocks = strengths[2] if len(strengths) > 2 else None
+            if isinstance(blocks, str):
+                blocks = parse_block_weights(blocks, self.family, self.presets(), tag=f"lbw={blocks}")
+            out.append((self.load(spec), unet, te, blocks))
         return out
+
+    def presets(self):
+        """Block-weight presets: the common ones and `lbwpresets.txt` in the adapter folders."""
+        return load_presets([str(d) for d in self.index.dirs] if self.index is not None else [])
 
     def apply(self, entries: Iterable[Entry]) -> dict[str, int]:
         """Bring the weights to originals + exactly these adapters; all files are checked before any weight moves."""
@@ -120,10 +129,15 @@ class DiffusersAdapters:
         without its tags."""
         if lora_dirs:
             self.index = AdapterIndex(list(lora_dirs))
-        text, tags = parse_prompt(prompt)
-        if tags and self.index is None:
-            raise AdapterError(None, f"the prompt names adapters ({tags[0].text}) but no adapter folder was given")
-        self.apply([(path, t.unet, t.te) for path, t in combine(tags, self.index.find)])
+        def find(name):
+            if self.index is None:
+                raise AdapterError(None, f"the prompt names adapters (<lora:{name}:…>) but no adapter folder was given")
+            return self.index.find(name)
+
+        text, found = prompt_adapters(prompt, find, schedules="the diffusers host (one strength per image)")
+        presets = self.presets() if any(a.lbw for a in found) else None
+        self.apply([(a.path, a.unet, a.te, parse_block_weights(a.lbw, self.family, presets, a.x, a.tag) if a.lbw
+                     else None) for a in found])
         return text
 
     def restore(self) -> None:

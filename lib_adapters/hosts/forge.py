@@ -26,7 +26,7 @@ from ..algorithms.base import DeltaPatch
 from ..errors import AdapterError
 from ..forward import ForwardEngine, storage_of
 from ..naming import DIT_FAMILIES, LayerMap
-from ..patching import Patcher, Plan, compute, compute_bias, rows_view
+from ..patching import Patcher, Plan, compute, compute_bias, nonzero, rows_view
 from .a1111 import clear_cond_cache, te_signature
 
 WEIGHT_TYPE = "lib_adapters"
@@ -269,10 +269,19 @@ class ForgeBackend:
     def model_of(self, p):
         return self.engine_of(p)
 
-    def apply(self, p, plan: Plan, scheduled=frozenset()) -> dict:
-        """Unscheduled weights through Forge's patchers; `scheduled` unquantized weights stay out of them: `step`
-        writes those in place once sampling runs (after Forge's own merge), and they are restored here at the next
-        call. Quantized weights, scheduled or not, take the forward path (a step there sets numbers)."""
+    def takes(self, p):
+        """Which weights the UNet's forward path can take (scheduled layers that change often run there)."""
+        engine = self.engine_of(p)
+        if engine is None:
+            return lambda weight: False
+        state = self.state_for(engine)
+        fe = self.forward_engine(state, "unet")
+        return lambda weight: state.to_forge.get(weight, ("",))[0] == "unet" and fe.takes(weight)
+
+    def apply(self, p, plan: Plan, forward: Plan | None = None, held=frozenset()) -> dict:
+        """`plan` through Forge's patchers (quantized weights on the forward path), `forward` (scheduled UNet
+        weights) on the forward path; `held` float weights stay out of Forge's patchers: `step` writes them in place
+        once sampling runs (after Forge's own merge), and they are put back here at the next call."""
         engine = self.engine_of(p)
         if engine is None:
             return {}
@@ -293,9 +302,10 @@ class ForgeBackend:
     def _apply(self, p, engine, state: EngineState, plan: Plan, scheduled) -> dict:
         if state.own is not None:
             state.own.restore()  # before Forge merges (and backs up) anything of the next generation
+        plan = {w: ops for w, ops in plan.items() if w not in self.own_weights(state, held)}
         register_calculators()
         plan, forward_plans, skipped = self.split(state, plan)
-        plan = {w: ops for w, ops in plan.items() if w not in scheduled}
+        plan = nonzero(plan)  # Forge merges; zero-strength scheduled terms stay only on the forward path
         base = engine.forge_objects_original
         stats = {"unet": 0, "clip": 0, "rebuilt": 0, "skipped": 0, "forward": 0}
         chosen, last_now = {}, {}
@@ -318,6 +328,7 @@ class ForgeBackend:
             stats["rebuilt"] += 1
             last_now[component] = (ident, original, clone)
             chosen[component] = clone
+        forward_plans["unet"].update(forward or {})
         for component, forward_plan in forward_plans.items():
             if forward_plan or component in state.forward:
                 fe = self.forward_engine(state, component)
@@ -336,19 +347,28 @@ class ForgeBackend:
             stats["left_out"] = skipped
         return stats
 
-    def step(self, p, plan, values) -> dict:
-        """One sampling step's strengths on the scheduled weights: unquantized ones recomputed from their originals
-        in place, quantized ones (forward path) as numbers (zero-strength terms kept, so nothing is rebuilt)."""
+    @staticmethod
+    def own_weights(state: EngineState, held) -> set[str]:
+        """The held weights we write in place ourselves: plain float storage (quantized ones take the forward path)."""
+        return {w for w in held if state.kinds.get(w, "float") == "float"}
+
+    def step(self, p, plan: Plan, forward: Plan, held=frozenset()) -> dict:
+        """One sampling step's strengths: held float weights recomputed from their originals in place, the UNet's
+        forward path (quantized weights, scheduled ones in forward mode) set to this step's numbers."""
         engine = self.engine_of(p)
         state = self.state_for(engine)
-        if state.own is None:
-            state.own = Patcher(UnetStore(engine.forge_objects_original.unet.model))
-        merged, forward_plans, _ = self.split(state, plan.plan(values, keep_zero=frozenset(range(len(plan.entries)))))
-        for component, forward_plan in forward_plans.items():
-            if forward_plan or component in state.forward:
-                self.forward_engine(state, component).reconcile(forward_plan)
-        own = {w: [op for op in ops if op.strength] for w, ops in merged.items() if w in plan.scheduled_weights}
-        return state.own.reconcile({w: ops for w, ops in own.items() if ops})
+        own = self.own_weights(state, held)
+        stats = {}
+        if own:
+            if state.own is None:
+                state.own = Patcher(UnetStore(engine.forge_objects_original.unet.model))
+            stats = state.own.reconcile(nonzero({w: ops for w, ops in plan.items() if w in own}))
+        unet = {w: ops for w, ops in plan.items() if w not in own and state.kinds.get(w, "float") != "float"
+                and state.to_forge.get(w, ("",))[0] == "unet"}
+        unet.update(forward)
+        if unet or "unet" in state.forward:
+            stats["forward"] = self.forward_engine(state, "unet").reconcile(unet)
+        return stats
 
     def forget(self, sd_model) -> None:
         if self.state is not None and self.state.engine is sd_model:

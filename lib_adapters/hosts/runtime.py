@@ -149,12 +149,13 @@ class Runtime:
         self.stepping = None
         try:
             plan = self.plan(req, backend.layer_map(p)) if req.entries else StepPlan()
-            first = plan.plan_at(0, 1)
-            self.last_stats = backend.apply(p, first, plan.scheduled_weights if plan.scheduled else frozenset())
-            self.last_plan_size = len(first)
+            mode = steps.choose(plan, steps.expected_steps(p))
+            merged, forward = steps.parts(plan, plan.values(0, 1), mode, backend.takes(p))
+            stepping = steps.Stepping(plan, mode, backend, backend.model_of(p)) if mode != "fixed" else None
+            self.last_stats = backend.apply(p, merged, forward, stepping.held() if stepping else frozenset())
+            self.last_plan_size = len(merged) + len(forward)
             req.messages.extend(left_out_messages(req, self.last_stats.pop("left_out", [])))
-            if plan.scheduled:
-                self.stepping = steps.Stepping(plan, backend, backend.model_of(p))
+            self.stepping = stepping
         except AdapterError as e:
             req.messages.append(f"{e}; no adapter is applied")
             req.entries.clear()

@@ -12,6 +12,24 @@ import fake_host
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@torch.no_grad()
+def effective(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) a Linear/Conv2d forward applies, from its outputs on basis inputs (float64)."""
+    w = layer.weight
+    dtype = w.dtype
+    if w.ndim == 2:
+        zero = layer(torch.zeros(1, w.shape[1], dtype=dtype)).double()
+        out = layer(torch.eye(w.shape[1], dtype=dtype)).double() - zero
+        return out.T.contiguous(), zero[0]
+    o, i, kh, kw = w.shape
+    basis = torch.eye(i * kh * kw, dtype=dtype).reshape(i * kh * kw, i, kh, kw)
+    zero = layer(torch.zeros(1, i, kh, kw, dtype=dtype)).double()
+    full = layer(basis).double()
+    ph, pw = full.shape[2] // 2, full.shape[3] // 2
+    centre = (full - zero)[:, :, ph, pw]
+    return centre.T.reshape(o, i, kh, kw).contiguous(), zero[0, :, ph, pw]
+
+
 @dataclass
 class Host:
     flavour: str
@@ -42,8 +60,26 @@ class Host:
             return out
         return dict(model.named_parameters())
 
+    def roots(self, model=None) -> dict[str, torch.nn.Module]:
+        """Name prefix → module whose named parameters `params` lists."""
+        model = model if model is not None else self.shared.sd_model
+        if self.flavour == "forge":
+            base = model.forge_objects_original
+            return {"u.": base.unet.model, "c.": base.clip.cond_stage_model}
+        return {"": model}
+
     def snapshot(self, model=None) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.params(model).items()}
+        """Every parameter as the sampler computes with it: a layer whose forward the extension replaced (the
+        forward path) shows the effective weight and bias read off its outputs on basis inputs."""
+        out = {k: v.detach().clone() for k, v in self.params(model).items()}
+        for prefix, root in self.roots(model).items():
+            for name, module in root.named_modules():
+                if "forward" in module.__dict__ and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                    w, b = effective(module)
+                    out[f"{prefix}{name}.weight"] = w.to(module.weight.dtype)
+                    if module.bias is not None:
+                        out[f"{prefix}{name}.bias"] = b.to(module.bias.dtype)
+        return out
 
     def generate(self, prompt, per_step=False, **kw):
         """Run one generation; returns (Processed, {phase: [snapshot as the sampler's first call sees it, one per
