@@ -7,8 +7,9 @@ Rows, each timed per sampling step (the step's host work + one UNet forward): `n
 once: nothing per step), `re-merge` (StepPlan + Patcher.reconcile: the scheduled layers recomputed from their
 originals at every step where their strength changes) and `forward` (lib_adapters.forward: the scheduled layers
 applied in the forward pass from their factors, the strength a number). The rows take turns step by step (setting
-a row up is not timed), so a load that changes during the run touches every row alike. Results:
-bench/results/schedule.md (+ .json).
+a row up is not timed), so a load that changes during the run touches every row alike. On the CPU the times are
+this process's CPU time (one thread by default), which other processes on a shared machine do not inflate; on a GPU,
+wall time. Results: bench/results/schedule.md (+ .json).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="passes over the steps")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch's default)")
     ap.add_argument("--out", default=str(ROOT / "results" / "schedule"))
     args = ap.parse_args(argv)
     from lib_adapters.adapter import Adapter
@@ -54,6 +55,7 @@ def main(argv=None) -> int:
     torch.set_grad_enabled(False)
     if args.threads:
         torch.set_num_threads(args.threads)
+    clock = time.perf_counter if args.device != "cpu" else time.process_time
     components = build("sd1", args.quick, device=args.device)
     cache = ROOT / "cache" / ("schedule-quick" if args.quick else "schedule")
     cache.mkdir(parents=True, exist_ok=True)
@@ -92,6 +94,7 @@ def main(argv=None) -> int:
 
     unet(x, t, ctx, **kw)  # warm-up
     res: dict = {"latent": args.latent, "steps": n, "rounds": args.rounds, "device": args.device,
+                 "clock": "wall" if args.device != "cpu" else "process CPU",
                  "threads": torch.get_num_threads(), "adapter": os.path.basename(path), "schedule": SCHEDULE,
                  "touched_weights": len(fixed.plan_at(0, n)), "scheduled_weights": len(scheduled.scheduled_weights)}
     for row in ROWS:
@@ -105,13 +108,13 @@ def main(argv=None) -> int:
                 if row == "forward" and i:
                     engine.reconcile(scheduled.plan(scheduled.values(i - 1, n), keep))
                 sync(args.device)
-                t0 = time.perf_counter()
+                t0 = clock()
                 work(row, i)
                 sync(args.device)
-                t1 = time.perf_counter()
+                t1 = clock()
                 unet(x, t, ctx, **kw)
                 sync(args.device)
-                res[row].append(time.perf_counter() - t0)
+                res[row].append(clock() - t0)
                 res[row + " work"].append(t1 - t0)
     engine.restore()
     patcher.restore()
@@ -136,7 +139,7 @@ def write(res: dict, out: str) -> None:
     lines = [f"# Step schedule cost (SD1.5 UNet, {res['latent'] * 8} px, {res['device']}, {res['threads']} threads)",
              "", f"kohya LoRA r32 ({res['touched_weights']} UNet+TE weights, {res['scheduled_weights']} scheduled), "
              f"schedule `{res['schedule']}` over {res['steps']} steps × {res['rounds']} rounds, rows taking turns; "
-             f"median seconds per step (host work + one UNet forward). Forward path factors: "
+             f"median {res['clock']} seconds per step (host work + one UNet forward). Forward path factors: "
              f"{res['forward_bytes'] / 2**20:.1f} MiB.", "",
              "| row | step | host work | vs fixed |", "| --- | --- | --- | --- |"]
     for row in ROWS:

@@ -42,6 +42,8 @@ TOP_TAGS = 10
 USER_KEYS = ("description", "activation text", "preferred weight", "negative text", "notes", "sd version")
 UNET_KEY = "preferred unet weight"
 TE_KEY = "preferred te weight"
+LBW_KEY = "preferred lbw"            # block weights as in `lbw=` (a preset name or a list)
+SCHEDULE_KEY = "preferred schedule"  # a UNet schedule as in `unet=` (`w@step,…`)
 
 
 @dataclass
@@ -438,9 +440,20 @@ def format_strength(value: float) -> str:
     return "0" if text in ("-0", "") else text
 
 
-def tag_text(name: str, unet: float, te: float, order: str = "unet,te") -> str:
-    """`<lora:name:w>` when both strengths agree, else `<lora:name:a:b>` in the tag order the host reads."""
+def preferred_extras(user: dict) -> tuple[str, str]:
+    """(block weights, UNet schedule) the card's tag carries: `lbw=` and `unet=` text, "" when unset."""
+    def text(key):
+        value = user.get(key)
+        return "".join(str(value).split()) if isinstance(value, (str, int, float)) and str(value).strip() else ""
+
+    return text(LBW_KEY), text(SCHEDULE_KEY)
+
+
+def tag_text(name: str, unet: float, te: float, order: str = "unet,te", lbw: str = "", schedule: str = "") -> str:
+    """`<lora:name:w>` when both strengths agree, else `<lora:name:a:b>` in the tag order the host reads; then
+    `:unet=<schedule>` and `:lbw=<block weights>` when the card has them."""
+    extra = (f":unet={schedule}" if schedule else "") + (f":lbw={lbw}" if lbw else "")
     if unet == te:
-        return f"<lora:{name}:{format_strength(unet)}>"
+        return f"<lora:{name}:{format_strength(unet)}{extra}>"
     first, second = (unet, te) if order == "unet,te" else (te, unet)
-    return f"<lora:{name}:{format_strength(first)}:{format_strength(second)}>"
+    return f"<lora:{name}:{format_strength(first)}:{format_strength(second)}{extra}>"

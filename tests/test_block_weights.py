@@ -310,3 +310,80 @@ def test_diffusers_host_takes_block_weights_in_tags_and_lists(tmp_path):
         with pytest.raises(AdapterError, match="one strength per image"):
             ad.apply_prompt("<lora:a:0@0,1@1>")
     assert all(torch.equal(before[k], v) for k, v in comps["unet"].state_dict().items())
+
+
+# ---- Flux and SD3 ----------------------------------------------------------------------------------------------------
+
+def reference_flux_block(weight: str) -> str | None:
+    """sd-webui-lora-block-weight's Flux rule on a Forge-style key (`.` → `_`): t5xxl, clip_, double/single block
+    index, `_in`, final_layer; anything else is not picked (weight 1)."""
+    import re
+
+    key = weight.replace(".", "_")
+    if "t5xxl" in key:
+        return "T5"
+    if "clip_" in key:
+        return "CLIP"
+    m = re.search(r"_(\d+)_", key)
+    if "double_blocks" in key:
+        return f"D{m.group(1).zfill(2)}"
+    if "single_blocks" in key:
+        return f"S{m.group(1).zfill(2)}"
+    if "_in" in key:
+        return "IN"
+    if "final_layer" in key:
+        return "OUT"
+    return None
+
+
+def lora_on(weights, ckpt, key_of, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for w in weights:
+        out, inp = ckpt[w].shape
+        tensors[f"{key_of(w)}.lora_down.weight"] = torch.randn(2, inp, generator=g) * 0.1
+        tensors[f"{key_of(w)}.lora_up.weight"] = torch.randn(out, 2, generator=g) * 0.1
+    return tensors
+
+
+def test_flux_layers_get_the_reference_flux_blocks():
+    import flux_material
+
+    ckpt = flux_material.checkpoint(vae=False)
+    lm = LayerMap.for_checkpoint(ckpt)
+    assert lm.family == "flux"
+    unet = [k for k, v in ckpt.items() if k.startswith("model.diffusion_model.") and v.ndim == 2]
+    te = ["text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+          "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.weight"]
+    tensors = lora_on(unet, ckpt, lambda w: "lora_unet_" + w[len("model.diffusion_model."):-len(".weight")]
+                      .replace(".", "_"))
+    tensors.update(lora_on(te[:1], ckpt, lambda w: "lora_te1_text_model_encoder_layers_0_self_attn_q_proj", 1))
+    tensors.update(lora_on(te[1:], ckpt, lambda w: "lora_te3_encoder_block_0_layer_0_SelfAttention_q", 2))
+    adapter = Adapter.from_tensors(tensors, {}, "flux.safetensors")
+    values = [round(0.1 * i - 2, 2) for i in range(61)]
+    lbw = parse_block_weights(",".join(map(str, values)), "flux", load_presets())
+    by_block = dict(zip(LISTS[61], values))
+    plan, _ = build_plan([(adapter, 0.5, 2.0, lbw)], lm)
+    assert set(plan) == set(unet + te)
+    for weight, ops in plan.items():
+        base = 0.5 if ops[0].target.component == "unet" else 2.0
+        assert ops[0].strength == base * by_block[reference_flux_block(weight)], weight
+    with pytest.raises(AdapterError, match=r"a Flux model takes a preset name or 61 .*D00…D18, S00…S37, OUT\)"):
+        parse_block_weights(",".join(["1"] * 17), "flux", load_presets())
+    assert parse_block_weights("FLUXALL", "flux", load_presets()).weights["S37"] == 1.0
+
+
+@pytest.mark.parametrize("name,block", [
+    ("model.diffusion_model.joint_blocks.7.x_block.attn.qkv.weight", "J07"),
+    ("model.diffusion_model.joint_blocks.0.context_block.mlp.fc1.weight", "J00"),
+    ("model.diffusion_model.x_embedder.proj.weight", "IN"), ("model.diffusion_model.final_layer.linear.weight", "OUT"),
+    ("transformer.transformer_blocks.3.attn.add_q_proj.weight", "J03"), ("transformer.pos_embed.proj.weight", "IN"),
+    ("text_encoders.clip_g.transformer.text_model.encoder.layers.1.mlp.fc1.weight", "CLIP"),
+    ("text_encoder_2.text_model.encoder.layers.1.mlp.fc1.weight", "CLIP"),
+    ("text_encoders.t5xxl.transformer.encoder.block.1.layer.1.DenseReluDense.wo.weight", "T5"),
+    ("text_encoder_3.encoder.block.1.layer.1.DenseReluDense.wo.weight", "T5"),
+])
+def test_sd3_blocks(name, block):
+    assert block_of(name, "sd3") == block
+    lbw = parse_block_weights(",".join(str(i) for i in range(28)), "sd3", load_presets())
+    assert lbw.of(name) == LISTS[28].index(block) if block in LISTS[28] else 0

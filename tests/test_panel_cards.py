@@ -228,3 +228,20 @@ def test_tag_text_reads_back_through_the_tag_parser(unet, te, order, expected):
     assert text == expected
     _, [tag] = tags.parse_prompt(text, order=order)
     assert (tag.name, tag.unet, tag.te) == ("n", unet, te)
+
+
+def test_card_tag_carries_preferred_schedule_and_block_weights():
+    from lib_adapters.hosts.panel import save_user_fields
+    from lib_adapters.tag_options import tag_options
+
+    user = save_user_fields({}, "", "", 0.8, "", "", "", "", lbw=" OUTD ", schedule="0@0, 1@0.5")
+    lbw, schedule = cards.preferred_extras(user)
+    assert (lbw, schedule) == ("OUTD", "0@0,1@0.5")
+    text = cards.tag_text("n", 0.8, 0.8, "unet,te", lbw, schedule)
+    assert text == "<lora:n:0.8:unet=0@0,1@0.5:lbw=OUTD>"
+    options = tag_options(text[len("<lora:n:"):-1].split(":"))
+    assert options.te == 0.8 and options.lbw == "OUTD" and options.unet.text == "0@0,1@0.5"
+    assert cards.preferred_extras(save_user_fields(user, "", "", 0.8, "", "", "", "")) == ("", "")
+    for bad in ({"lbw": "1,a,0"}, {"lbw": "x:y"}, {"schedule": "0@0,1@q"}):
+        with pytest.raises(AdapterError):
+            save_user_fields({}, "", "", 1.0, "", "", "", "", **bad)

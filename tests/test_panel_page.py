@@ -209,8 +209,13 @@ def test_single_card_refresh_after_the_editor_saves(host):
     assert item["description"] == "new <b>desc</b>"
     assert json.loads(item["prompt"]) == "<lora:xl:0.9:1> trig"
     values = editor.put_values_into_components("xl")
-    assert values[1] == "new <b>desc</b>" and values[6:] == ["trig", 0.0, 0.9, None, ""]
+    assert values[1] == "new <b>desc</b>" and values[6:] == ["trig", 0.0, 0.9, None, "", "", ""]
     assert "SDXL" in values[5] and "<script" not in values[5]
+    editor.save_user_metadata("xl", "d", "", 0.0, "", "", "", "", "OUTD", "0@0, 1@0.5")  # block weights, schedule
+    item = page.create_item("xl", enable_filter=False)
+    page.read_user_metadata(item, use_cache=False)
+    assert json.loads(item["prompt"]) == "<lora:xl:1:unet=0@0,1@0.5:lbw=OUTD>"
+    assert editor.put_values_into_components("xl")[-2:] == ["0@0,1@0.5", "OUTD"]
     os.remove(host / "xl.json")
 
 

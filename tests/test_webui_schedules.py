@@ -60,7 +60,9 @@ def test_block_weights_multiply_each_layers_strength(host):
     assert torch.equal(seen["first_pass"][0][untouched], original[untouched])
 
 
-def test_a_ramp_moves_the_unet_every_step_and_the_text_encoder_takes_the_first_value(host):
+@pytest.mark.parametrize("path", ["forward", "auto"])
+def test_a_ramp_moves_the_unet_every_step_and_the_text_encoder_takes_the_first_value(host, path):
+    host.set_option("adapters_schedule_path", path)
     model = host.use(A1111Model("sd1", seed=1))
     effects = lora(host, model, "a", seed=2)
     original = host.snapshot()
@@ -74,9 +76,10 @@ def test_a_ramp_moves_the_unet_every_step_and_the_text_encoder_takes_the_first_v
                    (scaled(effects, model, dict.fromkeys(te_keys, 1.0)), 0.0, 0.3)]
         assert_weights(snap, original, applied)
     assert "first step (0.3)" in res.comments and res.comments.count("first step") == 1
-    stored = host.params()  # five steps, four changes: the UNet layers ran on the forward path, weights untouched
-    assert all(torch.equal(stored[live_name(KEYS["sd1"][k][0], model)], original[live_name(KEYS["sd1"][k][0], model)])
-               for k in unet_keys)
+    stored = host.params()  # forward: the UNet layers ran on the forward path, weights untouched; auto on a CPU: merged
+    untouched = [torch.equal(stored[live_name(KEYS["sd1"][k][0], model)], original[live_name(KEYS["sd1"][k][0], model)])
+                 for k in unet_keys]
+    assert all(untouched) if path == "forward" else not any(untouched)
     _, seen, _ = host.generate("plain")
     assert all(torch.equal(v, original[k]) for k, v in seen["first_pass"][0].items())
 
@@ -206,6 +209,7 @@ def test_forge_moves_scheduled_weights_every_step_outside_its_patchers(forge_hos
 def test_forge_ramp_runs_on_the_forward_path_outside_its_patchers(forge_host):
     from fake_host.models import forge_engine
 
+    forge_host.set_option("adapters_schedule_path", "forward")
     engine = forge_host.use(forge_engine("sd1", seed=1))
     effects = forge_lora(forge_host, "a", seed=2)
     original = forge_host.snapshot()
@@ -240,3 +244,22 @@ def test_forge_schedule_that_reduces_to_a_fixed_strength_gives_the_fixed_weights
     assert all(torch.equal(snap[k], original[k]) for _, snap in seen["first_pass steps"] for k in unet)
     _, seen, _ = forge_host.generate("<lora:a:1>", steps=2)  # back to Forge's own merge, from the originals
     assert all(torch.equal(seen["first_pass"][0][k], fixed[k]) for k in fixed)
+
+
+def test_the_way_a_schedule_is_applied_follows_the_setting_the_device_and_the_changes():
+    from lib_adapters.hosts.steps import choose
+    from lib_adapters.schedules import StepEntry, StepPlan, parse_strength
+
+    def plan(text):
+        p = StepPlan()
+        p.entries.append(StepEntry(None, parse_strength(text) if "@" in text else float(text), 1.0))
+        p.te_values.append(1.0)
+        return p
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert choose(plan("0.5"), 20, cuda) == "fixed"
+    assert choose(plan("0@0,1@1"), 20, cuda) == "forward" and choose(plan("0@0,1@1"), 20, cpu) == "merge"
+    assert choose(plan("0@0,1@1"), 3, cuda) == "merge"          # two changes
+    assert choose(plan("1@10,0@11"), 20, cuda) == "merge"        # one change
+    assert choose(plan("0@0,1@1"), 20, cpu, "forward") == "forward"
+    assert choose(plan("0@0,1@1"), 20, cuda, "merge") == "merge"

@@ -108,6 +108,16 @@ class A1111Backend:
             raise AdapterError(None, "no model is loaded")
         return self.state_for(sd).layer_map
 
+    def device(self, p):
+        """Where the UNet computes (A1111's `sd_model.device`, else its first weight's device)."""
+        sd = self.model_of(p)
+        if sd is None:
+            return None
+        device = getattr(sd, "device", None)
+        if isinstance(device, torch.device):
+            return device
+        return next((t.device for t in sd.parameters()), None)
+
     def takes(self, p):
         """Which weights the forward path can take (scheduled layers that change often run there)."""
         sd = self.model_of(p)

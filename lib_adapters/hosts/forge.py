@@ -269,6 +269,11 @@ class ForgeBackend:
     def model_of(self, p):
         return self.engine_of(p)
 
+    def device(self, p):
+        """Where Forge computes the UNet (its patcher's load device)."""
+        engine = self.engine_of(p)
+        return getattr(engine.forge_objects_original.unet, "load_device", None) if engine is not None else None
+
     def takes(self, p):
         """Which weights the UNet's forward path can take (scheduled layers that change often run there)."""
         engine = self.engine_of(p)

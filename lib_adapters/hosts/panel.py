@@ -146,12 +146,15 @@ def card_payload(name: str, card: cards.CardInfo, user: dict, default: float, mi
     """What the card's JavaScript needs (rendered as the `data-sort-adapter` attribute, HTML-escaped by the host);
     `name` is the name the tag uses."""
     unet, te = cards.preferred_strengths(user, default)
+    lbw, schedule = cards.preferred_extras(user)
     return {
         "name": name,
         "fold": fold,
         "untaggable": untaggable,
         "unet": unet,
         "te": te,
+        "lbw": lbw,
+        "schedule": schedule,
         "activation": str(user.get("activation text") or "").strip(),
         "negative": str(user.get("negative text") or "").strip(),
         "order": order,
@@ -169,7 +172,8 @@ def item_prompt(payload: dict) -> str:
     """The host's `prompt` field: a JavaScript expression evaluating to the tag (and activation text)."""
     if payload["error"] or payload["untaggable"]:
         return js_string("")
-    text = cards.tag_text(payload["name"], payload["unet"], payload["te"], payload["order"])
+    text = cards.tag_text(payload["name"], payload["unet"], payload["te"], payload["order"], payload.get("lbw", ""),
+                          payload.get("schedule", ""))
     if payload["activation"]:
         text += " " + payload["activation"]
     return js_string(text)
@@ -309,9 +313,16 @@ def make_page_class():
     return AdaptersPage
 
 
-def save_user_fields(user: dict, description, activation, weight, unet, te, negative, notes) -> dict:
-    """The sidecar dict after an edit: the builtin's keys, plus our UNet/TE strengths (empty → removed)."""
+def save_user_fields(user: dict, description, activation, weight, unet, te, negative, notes, lbw="",
+                     schedule="") -> dict:
+    """The sidecar dict after an edit: the builtin's keys, plus our UNet/TE strengths, block weights and UNet
+    schedule (empty → removed). A schedule or block-weight text that cannot be read raises AdapterError."""
     user = dict(user)
+    for key, value in ((cards.LBW_KEY, check_lbw(lbw)), (cards.SCHEDULE_KEY, check_schedule(schedule))):
+        if value:
+            user[key] = value
+        else:
+            user.pop(key, None)
     user["description"] = description or ""
     user["activation text"] = activation or ""
     user["preferred weight"] = float(weight or 0.0)
@@ -323,6 +334,25 @@ def save_user_fields(user: dict, description, activation, weight, unet, te, nega
         else:
             user[key] = float(value)
     return user
+
+
+def check_lbw(text) -> str:
+    """Block weights as the tag takes them: a preset name or a comma list (numbers, X, X+d, X-d); "" for none."""
+    text = "".join(str(text or "").split())
+    if text and ("," in text and not all(re.fullmatch(r"[-+.0-9eEX]+", v) for v in text.split(","))
+                 or re.search(r"[:<>=]", text)):
+        raise AdapterError(None, f"block weights {text!r}: expected a preset name or weights separated by commas")
+    return text
+
+
+def check_schedule(text) -> str:
+    """A UNet schedule as the tag takes it (`w@step,…`); "" for none."""
+    from ..schedules import parse_strength
+
+    text = "".join(str(text or "").split())
+    if text:
+        parse_strength(text, f"schedule {text!r}")
+    return text
 
 
 def training_html(card: cards.CardInfo) -> str:
@@ -359,17 +389,21 @@ def make_editor_class():
             with gr.Row():
                 self.edit_unet = gr.Number(label="Preferred UNet strength (empty = preferred weight)")
                 self.edit_te = gr.Number(label="Preferred text-encoder strength (empty = preferred weight)")
+            with gr.Row():
+                self.edit_schedule = gr.Textbox(label="Preferred UNet schedule (unet=, e.g. 0@0,1@0.5)", lines=1)
+                self.edit_lbw = gr.Textbox(label="Preferred block weights (lbw=, a preset or a list)", lines=1)
             self.edit_negative = gr.Textbox(label="Negative prompt text", lines=2)
             self.edit_notes = gr.TextArea(label="Notes", lines=4)
             self.create_default_buttons()
             outputs = [self.edit_name, self.edit_description, self.html_filedata, self.html_preview, self.edit_notes,
                        self.html_training, self.edit_activation, self.edit_weight, self.edit_unet, self.edit_te,
-                       self.edit_negative]
+                       self.edit_negative, self.edit_schedule, self.edit_lbw]
             self.button_edit.click(fn=self.put_values_into_components, inputs=[self.edit_name_input], outputs=outputs)\
                 .then(fn=lambda: gr.update(visible=True), inputs=[], outputs=[self.box])
             self.setup_save_handler(self.button_save, self.save_user_metadata,
                                     [self.edit_description, self.edit_activation, self.edit_weight, self.edit_unet,
-                                     self.edit_te, self.edit_negative, self.edit_notes])
+                                     self.edit_te, self.edit_negative, self.edit_notes, self.edit_lbw,
+                                     self.edit_schedule])
 
         def put_values_into_components(self, name):
             values = list(super().put_values_into_components(name))
@@ -382,11 +416,18 @@ def make_editor_class():
                 user.get(cards.UNET_KEY),
                 user.get(cards.TE_KEY),
                 user.get("negative text", ""),
+                user.get(cards.SCHEDULE_KEY, ""),
+                user.get(cards.LBW_KEY, ""),
             ]
 
-        def save_user_metadata(self, name, description, activation, weight, unet, te, negative, notes):
-            user = save_user_fields(self.get_user_metadata(name), description, activation, weight, unet, te,
-                                    negative, notes)
+        def save_user_metadata(self, name, description, activation, weight, unet, te, negative, notes, lbw="",
+                               schedule=""):
+            try:
+                user = save_user_fields(self.get_user_metadata(name), description, activation, weight, unet, te,
+                                        negative, notes, lbw, schedule)
+            except AdapterError as e:
+                import gradio as gr
+                raise gr.Error(str(e)) from None
             self.page.items.get(name, {})["user_metadata"] = user
             self.write_user_metadata(name, user)
 

@@ -21,7 +21,7 @@ from . import infotext, steps
 from .cache import AdapterCache
 from .index import Library
 from .presets import PresetCache
-from .settings import OPT_WARN_UNMATCHED, log, opt, tag_order
+from .settings import OPT_SCHEDULES, OPT_WARN_UNMATCHED, log, opt, tag_order
 
 
 @dataclass
@@ -149,7 +149,7 @@ class Runtime:
         self.stepping = None
         try:
             plan = self.plan(req, backend.layer_map(p)) if req.entries else StepPlan()
-            mode = steps.choose(plan, steps.expected_steps(p))
+            mode = steps.choose(plan, steps.expected_steps(p), backend.device(p), opt(OPT_SCHEDULES))
             merged, forward = steps.parts(plan, plan.values(0, 1), mode, backend.takes(p))
             stepping = steps.Stepping(plan, mode, backend, backend.model_of(p)) if mode != "fixed" else None
             self.last_stats = backend.apply(p, merged, forward, stepping.held() if stepping else frozenset())

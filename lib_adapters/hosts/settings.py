@@ -15,7 +15,10 @@ OPT_ORDER = "adapters_tag_order"
 OPT_CACHE = "adapters_cache_size"
 OPT_HASHES = "adapters_add_hashes_to_infotext"
 OPT_WARN_UNMATCHED = "adapters_warn_unmatched"
-DEFAULTS = {OPT_ORDER: "unet,te", OPT_CACHE: 8, OPT_HASHES: True, OPT_WARN_UNMATCHED: True}
+OPT_SCHEDULES = "adapters_schedule_path"
+SCHEDULE_PATHS = ("auto", "merge", "forward")
+DEFAULTS = {OPT_ORDER: "unet,te", OPT_CACHE: 8, OPT_HASHES: True, OPT_WARN_UNMATCHED: True,
+            OPT_SCHEDULES: "auto"}
 
 
 def log(message: str) -> None:
@@ -43,6 +46,11 @@ def register_settings() -> None:
         OPT_HASHES: info(DEFAULTS[OPT_HASHES], "Add adapter hashes to infotext (\"Lora hashes\")"),
         OPT_WARN_UNMATCHED: info(DEFAULTS[OPT_WARN_UNMATCHED],
                                  "Warn when an adapter has keys that match no layer of the model"),
+        OPT_SCHEDULES: info(DEFAULTS[OPT_SCHEDULES], "Strengths that change over the steps (w@step schedules) are "
+                            "applied by", gr.Radio if gr else None, {"choices": list(SCHEDULE_PATHS)}).info(
+            "merge: the changed layers are recomputed at each step where their strength changes (exact, the cheaper "
+            "way on a CPU); forward: those layers run their adapter in the forward pass, a change costs nothing; "
+            "auto: merge on a CPU or when the strength changes at most twice, forward otherwise"),
     }
     shared.options_templates.update(shared.options_section(SECTION, options))
     for key, option in options.items():  # options_templates is opts.data_labels in the host; keep data in step

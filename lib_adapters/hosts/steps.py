@@ -1,10 +1,11 @@
 """Strengths per sampling step in the WebUI: the host's `on_cfg_denoiser` callback brings scheduled adapters to
 their value at the step being sampled, through the host's backend.
 
-Two ways, chosen per pass from how often the strengths change over the expected steps: `merge` (at most
-MERGE_CHANGES changes: the scheduled weights are recomputed from their originals when their strength changes,
-exactly as a fixed strength is merged) and `forward` (more: the scheduled layers run on the forward path from their
-factors, a change of strength is a number, nothing is recomputed). Weights without schedules stay merged.
+Two ways, chosen per pass (setting "Strengths that change over the steps are applied by"): `merge` (the scheduled
+weights are recomputed from their originals at each step where their strength changes, exactly as a fixed strength
+is merged) and `forward` (the scheduled layers run on the forward path from their factors, a change of strength is
+a number, nothing is recomputed). `auto` merges on a CPU and when the strengths change at most MERGE_CHANGES times.
+Weights without schedules stay merged.
 """
 
 from __future__ import annotations
@@ -36,10 +37,16 @@ def expected_steps(p) -> int:
     return steps
 
 
-def choose(plan, steps: int) -> str:
-    """"fixed" (nothing scheduled), "merge" or "forward" for a pass of `steps` steps."""
+def choose(plan, steps: int, device=None, setting: str = "auto") -> str:
+    """"fixed" (nothing scheduled), "merge" or "forward" for a pass of `steps` steps on a model computing on
+    `device`. `auto`: merge on a CPU (bench.schedule: recomputing the changed layers costs less than their forward
+    path there) or when the strengths change at most MERGE_CHANGES times; forward otherwise."""
     if not plan.scheduled:
         return "fixed"
+    if setting in ("merge", "forward"):
+        return setting
+    if device is not None and getattr(device, "type", str(device)) == "cpu":
+        return "merge"
     values = [plan.values(i, steps) for i in range(steps)]
     changes = sum(a != b for a, b in zip(values, values[1:]))
     return "merge" if changes <= MERGE_CHANGES else "forward"
