@@ -16,7 +16,7 @@ import torch
 
 from .errors import AdapterError
 from .library import AdapterIndex
-from .tags import combine, parse_prompt
+from .tag_options import prompt_adapters
 
 DEMO_PROMPT = "a lighthouse on a cliff at dusk <lora:demo_lora:0.8> <lora:demo_lokr:0.6> <lora:demo_oft:1>"
 DEFAULTS = {  # family: (width/height, steps)
@@ -60,10 +60,10 @@ def grid_cells(axes: list[GridAxis]) -> list[tuple[int, int, dict]]:
             for r, rv in enumerate(rows) for c, cv in enumerate(cols)]
 
 
-def entries_for_cell(base: list[tuple[str, float, float]], axes: list[GridAxis], values: dict) -> list:
-    """The adapter list of one grid cell: the swept strengths replace the tags' own."""
+def entries_for_cell(base: list[tuple], axes: list[GridAxis], values: dict) -> list:
+    """The adapter list of one grid cell: the swept strengths replace the tags' own (block weights are kept)."""
     out = []
-    for path, unet, te in base:
+    for path, unet, te, *blocks in base:
         name = Path(path).stem.lower()
         for i, value in values.items():
             axis = axes[i]
@@ -73,7 +73,7 @@ def entries_for_cell(base: list[tuple[str, float, float]], axes: list[GridAxis],
                 unet = value
             if axis.part in ("te", "both"):
                 te = value
-        out.append((path, unet, te))
+        out.append((path, unet, te, *blocks))
     return out
 
 
@@ -177,10 +177,11 @@ def run_generate(args) -> int:
         raise AdapterError(None, f"--grid takes at most two axes (columns, rows), got {len(axes)}")
     demo = args.checkpoint is None
     prompt = args.prompt if args.prompt is not None else (DEMO_PROMPT if demo else "")
-    text, tags = parse_prompt(prompt)
-    neg_text, neg_tags = parse_prompt(args.negative_prompt or "")
+    where = "generate (one strength per image)"
+    text, tags = prompt_adapters(prompt, lambda name: name, schedules=where)  # names checked below, files later
+    neg_text, neg_tags = prompt_adapters(args.negative_prompt or "", lambda name: name)
     if neg_tags:
-        raise AdapterError(None, f"adapter tags belong in the prompt, not the negative prompt ({neg_tags[0].text})")
+        raise AdapterError(None, f"adapter tags belong in the prompt, not the negative prompt ({neg_tags[0].tag})")
     explicit = [parse_adapter_arg(a) for a in args.adapter or []]
     for path, _, _ in explicit:
         if not os.path.isfile(path):
@@ -195,15 +196,15 @@ def run_generate(args) -> int:
         demo_dir = Path(args.demo_dir)
         dirs.append(demo_dir)
     index = AdapterIndex(dirs) if dirs else None
-    if demo and tags and any(t.name.lower() in DEMO_ADAPTERS for t in tags):
+    if demo and tags and any(t.path.lower() in DEMO_ADAPTERS for t in tags):
         missing = [n for n in DEMO_ADAPTERS if not (demo_dir / f"{n}.safetensors").is_file()]
     else:
         missing = []
     if tags and index is None:
-        raise AdapterError(None, f"the prompt names adapters ({tags[0].text}) but no --lora-dir was given")
+        raise AdapterError(None, f"the prompt names adapters ({tags[0].tag}) but no --lora-dir was given")
     for t in tags:  # fail on an unknown name before the model loads (demo adapters may not be written yet)
-        if not (missing and t.name.lower() in DEMO_ADAPTERS):
-            index.find(t.name)
+        if not (missing and t.path.lower() in DEMO_ADAPTERS):
+            index.find(t.path)
 
     dtype = DTYPES[args.dtype]
     threads = args.threads or (1 if demo else None)  # the tiny demo's small ops only lose time to thread hand-offs
@@ -223,15 +224,16 @@ def run_generate(args) -> int:
     device = torch.device(args.device)
     pipe.to(device)
 
-    base = [(path, t.unet, t.te) for path, t in combine(tags, index.find)] + explicit
-    stems = {Path(p).stem.lower() for p, _, _ in base}
+    found = prompt_adapters(prompt, index.find)[1] if tags else []
+    base = [(a.path, a.unet, a.te, (a.lbw, a.x)) if a.lbw else (a.path, a.unet, a.te) for a in found] + explicit
+    stems = {Path(p).stem.lower() for p, *_ in base}
     for axis in axes:
         if axis.adapter is not None and axis.adapter.lower() not in stems:
             raise AdapterError(None, f"--grid {axis.label}: no adapter {axis.adapter!r} in the prompt or --adapter list")
     if axes and not base:
         raise AdapterError(None, "--grid sweeps adapter strengths, but the prompt names no adapter")
     adapters = DiffusersAdapters(pipe)
-    for path, _, _ in base:  # every file read and checked before any weight moves
+    for path, *_ in base:  # every file read and checked before any weight moves
         adapters.load(path)
     cells = grid_cells(axes)
     images = []
@@ -254,7 +256,8 @@ def run_generate(args) -> int:
     out = Path(args.out) if args.out else default_out(family, args.seed)
     info = {"prompt": prompt, "negative_prompt": args.negative_prompt or "", "seed": str(args.seed),
             "steps": str(steps), "size": f"{width}x{height}", "cfg": str(args.cfg), "model": args.checkpoint or "demo",
-            "adapters": "; ".join(f"{Path(p).name} unet={u:g} te={t:g}" for p, u, t in base),
+            "adapters": "; ".join(f"{Path(p).name} unet={u:g} te={t:g}" + (f" lbw={b[0][0]}" if b else "")
+                                  for p, u, t, *b in base),
             "grid": " ".join(args.grid or [])}
     save_png(image, out, info)
     print(f"saved {out} ({image.size[0]}×{image.size[1]}, {len(images)} image{'s' if len(images) > 1 else ''}, "

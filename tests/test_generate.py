@@ -146,3 +146,15 @@ def test_checkpoint_with_a_lora_equals_diffusers_load_and_fuse_pixel_for_pixel(t
     theirs = pipe("a red fox", num_inference_steps=2, width=64, height=64, guidance_scale=7.0,
                   generator=torch.Generator().manual_seed(7)).images[0]
     assert np.array_equal(ours, np.asarray(theirs.convert("RGB")))
+
+
+def test_block_weights_in_the_tag_and_schedules_refused(tmp_path, demo_dir, capsys):
+    ones = ",".join(["1"] * 26)  # every block of the 26-block list at 1: the adapter as it is
+    all_blocks = run(tmp_path, "all", f"a red fox <lora:demo_lora:1:lbw={ones}>", demo_dir=demo_dir)
+    none = run(tmp_path, "none", "a red fox <lora:demo_lora:1:lbw=NONE>", demo_dir=demo_dir)
+    plain = run(tmp_path, "plain", "a red fox", demo_dir=demo_dir)
+    full = run(tmp_path, "full", "a red fox <lora:demo_lora:1>", demo_dir=demo_dir)
+    assert np.array_equal(none, plain) and np.array_equal(all_blocks, full) and not np.array_equal(full, plain)
+    code = main(["generate", "a fox <lora:demo_lora:0@0,1@1>", *FAST, "--demo-dir", str(demo_dir),
+                 "--out", str(tmp_path / "never.png")])
+    assert code == 2 and "one strength per image" in capsys.readouterr().err and not (tmp_path / "never.png").exists()

@@ -102,8 +102,9 @@ class DiffusersAdapters:
             unet = float(strengths[0]) if strengths else 1.0
             te = float(strengths[1]) if len(strengths) > 1 else unet
             blocks = strengths[2] if len(strengths) > 2 else None
-            if isinstance(blocks, str):
-                blocks = parse_block_weights(blocks, self.family, self.presets(), tag=f"lbw={blocks}")
+            if isinstance(blocks, (str, tuple)):  # `lbw=` text, or (text, x=)
+                text, x = blocks if isinstance(blocks, tuple) else (blocks, 1.0)
+                blocks = parse_block_weights(text, self.family, self.presets(), x, tag=f"lbw={text}")
             out.append((self.load(spec), unet, te, blocks))
         return out
 
