@@ -263,3 +263,24 @@ def test_the_way_a_schedule_is_applied_follows_the_setting_the_device_and_the_ch
     assert choose(plan("1@10,0@11"), 20, cuda) == "merge"        # one change
     assert choose(plan("0@0,1@1"), 20, cpu, "forward") == "forward"
     assert choose(plan("0@0,1@1"), 20, cuda, "merge") == "merge"
+
+
+def test_forge_quantized_unet_takes_a_schedule_on_the_forward_path_bytes_untouched(forge_host):
+    from fake_host.models import forge_engine
+    from modules import processing
+    from test_webui_forge_quantized import assert_forward, stored_bytes
+
+    engine = forge_host.use(forge_engine("sd1", seed=1, storage="fp8"))
+    effects = {k: v for k, v in forge_lora(forge_host, "a", seed=2).items() if k.startswith("u.")}
+    before = stored_bytes(engine)
+    checked = []
+
+    def at_step(phase, i, p):
+        assert_forward(engine, effects, i / 2, effects)
+        checked.append(i)
+
+    p = processing.StableDiffusionProcessingTxt2Img(prompt="<lora:a:0@0,1@1>", steps=3)
+    processing.process_images(p, observe_step=at_step)
+    assert checked == [0, 1, 2]
+    after = stored_bytes(engine)
+    assert all(torch.equal(before[k], after[k]) for k in before)

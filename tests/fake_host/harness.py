@@ -68,13 +68,17 @@ class Host:
             return {"u.": base.unet.model, "c.": base.clip.cond_stage_model}
         return {"": model}
 
-    def snapshot(self, model=None) -> dict[str, torch.Tensor]:
-        """Every parameter as the sampler computes with it: a layer whose forward the extension replaced (the
-        forward path) shows the effective weight and bias read off its outputs on basis inputs."""
+    def snapshot(self, model=None, effective_weights=False) -> dict[str, torch.Tensor]:
+        """Every parameter as stored; with `effective_weights`, as the sampler computes with it: a plain float
+        layer whose forward the extension replaced (the forward path) shows the effective weight and bias read off
+        its outputs on basis inputs."""
         out = {k: v.detach().clone() for k, v in self.params(model).items()}
+        if not effective_weights:
+            return out
         for prefix, root in self.roots(model).items():
             for name, module in root.named_modules():
-                if "forward" in module.__dict__ and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                layer = isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and "forward" in module.__dict__
+                if layer and module.weight.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
                     w, b = effective(module)
                     out[f"{prefix}{name}.weight"] = w.to(module.weight.dtype)
                     if module.bias is not None:
@@ -83,14 +87,14 @@ class Host:
 
     def generate(self, prompt, per_step=False, **kw):
         """Run one generation; returns (Processed, {phase: [snapshot as the sampler's first call sees it, one per
-        batch]}, p); with `per_step`, also {phase + " steps": [(step, snapshot) for every model call]}."""
+        batch]}, p); with `per_step`, also {phase + " steps": [(step, effective weights) for every model call]}."""
         from modules import processing
 
         seen = {}
         p = processing.StableDiffusionProcessingTxt2Img(prompt=prompt, **kw)
 
         def step(phase, i, p):
-            seen.setdefault(phase + " steps", []).append((i, self.snapshot()))
+            seen.setdefault(phase + " steps", []).append((i, self.snapshot(effective_weights=True)))
 
         res = processing.process_images(p, observe=lambda phase, p: seen.setdefault(phase, []).append(self.snapshot()),
                                         observe_step=step if per_step else None)
