@@ -99,6 +99,7 @@ def main(argv=None) -> int:
                  "touched_weights": len(fixed.plan_at(0, n)), "scheduled_weights": len(scheduled.scheduled_weights)}
     for row in ROWS:
         res[row], res[row + " work"] = [], []
+    res["re-merge changing"] = []
     for _ in range(args.rounds):
         for i in range(n):
             for row in ROWS:
@@ -116,9 +117,13 @@ def main(argv=None) -> int:
                 sync(args.device)
                 res[row].append(clock() - t0)
                 res[row + " work"].append(t1 - t0)
+                if row == "re-merge" and i:
+                    res["re-merge changing"].append(t1 - t0)
     engine.restore()
     patcher.restore()
     res["forward_bytes"] = forward_bytes(root, scheduled, keep, n)
+    if args.device == "cpu":
+        res["layers"] = layer_overhead(args.threads)
     write(res, args.out)
     return 0
 
@@ -134,17 +139,74 @@ def forward_bytes(root, scheduled, keep, n) -> int:
         engine.restore()
 
 
+def layer_overhead(threads: int) -> list[dict]:
+    """Per layer (SD1.5 shapes, 2×1024 tokens, rank 32, one thread): the plain forward, the forward path's, and
+    the least a forward-path LoRA costs (the two thin products and one add into the output)."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from lib_adapters.algorithms.lora import LoRAPatch
+    from lib_adapters.forward import ForwardEngine
+    from lib_adapters.patching import Operation, Target
+
+    def timed(fn, n=10):
+        fn()
+        t0 = time.process_time()
+        for _ in range(n):
+            fn()
+        return (time.process_time() - t0) / n
+
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for kind, cin, cout in (("Linear", 320, 320), ("Linear", 320, 2560), ("Linear", 1280, 1280), ("Conv2d 1×1", 320, 320)):
+        root = nn.Module()
+        conv = kind.startswith("Conv")
+        root.layer = nn.Conv2d(cin, cout, 1) if conv else nn.Linear(cin, cout)
+        x = torch.randn(2, cin, 32, 32, generator=g) if conv else torch.randn(2, 1024, cin, generator=g)
+        up, down = torch.randn(cout, 32, generator=g) * 0.01, torch.randn(32, cin, generator=g) * 0.01
+        plain = timed(lambda: root.layer(x))
+
+        def least():
+            y = root.layer(x)
+            if conv:
+                y.add_(F.conv2d(F.conv2d(x, down[:, :, None, None]), up[:, :, None, None]), alpha=0.5)
+            else:
+                y.view(-1, cout).addmm_(x.reshape(-1, cin) @ down.T, up.T, alpha=0.5)
+            return y
+
+        ideal = timed(least)
+        patch = LoRAPatch(up[:, :, None, None] if conv else up, down[:, :, None, None] if conv else down)
+        engine = ForwardEngine(root)
+        engine.reconcile({"layer.weight": [Operation(patch, 0.5, Target("layer.weight", "layer.bias"), "a|0|l")]})
+        path = timed(lambda: root.layer(x))
+        engine.restore()
+        rows.append({"layer": f"{kind} {cin}→{cout}", "plain": plain, "forward path": path, "least": ideal})
+    return rows
+
+
 def write(res: dict, out: str) -> None:
-    base = statistics.median(res["fixed"])
+    base = statistics.median(res["none"] + res["fixed"])
+    remerge = statistics.median(res["re-merge changing"] or res["re-merge work"])
     lines = [f"# Step schedule cost (SD1.5 UNet, {res['latent'] * 8} px, {res['device']}, {res['threads']} threads)",
              "", f"kohya LoRA r32 ({res['touched_weights']} UNet+TE weights, {res['scheduled_weights']} scheduled), "
              f"schedule `{res['schedule']}` over {res['steps']} steps × {res['rounds']} rounds, rows taking turns; "
              f"median {res['clock']} seconds per step (host work + one UNet forward). Forward path factors: "
              f"{res['forward_bytes'] / 2**20:.1f} MiB.", "",
-             "| row | step | host work | vs fixed |", "| --- | --- | --- | --- |"]
+             "| row | step | host work | vs unscheduled |", "| --- | --- | --- | --- |"]
     for row in ROWS:
         med = statistics.median(res[row])
         lines.append(f"| {row} | {med:.3f} s | {statistics.median(res[row + ' work']):.4f} s | {med / base:.3f}× |")
+    lines += ["", f"Unscheduled step (none and fixed): {base:.3f} s. Re-merge adds {remerge:.3f} s at each step where "
+              f"the strength changes: {1 + remerge / base:.3f}× the unscheduled step (the steady figure: the UNet "
+              f"forward itself varies by more than that between rows on a shared machine)."]
+    if res.get("layers"):
+        lines += ["", "Forward path per layer (2×1024 tokens, rank 32, one thread, ms): plain forward, the forward "
+                  "path, and the least a forward-path LoRA costs (two thin products, one add into the output).", "",
+                  "| layer | plain | forward path | least |", "| --- | --- | --- | --- |"]
+        for r in res["layers"]:
+            lines.append(f"| {r['layer']} | {r['plain'] * 1e3:.2f} | {r['forward path'] * 1e3:.2f} "
+                         f"(+{(r['forward path'] / r['plain'] - 1) * 100:.0f} %) | {r['least'] * 1e3:.2f} "
+                         f"(+{(r['least'] / r['plain'] - 1) * 100:.0f} %) |")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out + ".md").write_text("\n".join(lines) + "\n")
     Path(out + ".json").write_text(json.dumps(res, indent=1))

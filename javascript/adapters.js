@@ -1,5 +1,5 @@
 // sd-webui-adapters: the adapter cards' behaviour on the extra-networks page.
-// A click toggles `<lora:name:unet[:te]>` (plus activation text) in the prompt; cards whose adapter is in the
+// A click toggles `<lora:name:unet[:te][:unet=schedule][:lbw=…]>` (plus activation text) in the prompt; cards whose adapter is in the
 // prompt carry `adapters-active`, kept in sync as the prompt is edited; small inputs on a card rewrite its tag.
 // Everything shown from metadata goes through textContent, never innerHTML.
 (function(root) {
@@ -16,11 +16,13 @@
         return t === "-0" ? "0" : t;
     }
 
-    function tagText(name, unet, te, order) {
-        if (Number(unet) === Number(te)) return "<lora:" + name + ":" + fmt(unet) + ">";
+    function tagText(name, unet, te, order, lbw, schedule) {
+        // as lib_adapters.cards.tag_text: the card's preferred UNet schedule and block weights go last, named
+        var extra = (schedule ? ":unet=" + schedule : "") + (lbw ? ":lbw=" + lbw : "");
+        if (Number(unet) === Number(te)) return "<lora:" + name + ":" + fmt(unet) + extra + ">";
         var first = order === "te,unet" ? te : unet;
         var second = order === "te,unet" ? unet : te;
-        return "<lora:" + name + ":" + fmt(first) + ":" + fmt(second) + ">";
+        return "<lora:" + name + ":" + fmt(first) + ":" + fmt(second) + extra + ">";
     }
 
     function scan(text) {
@@ -180,7 +182,7 @@
         if (hasTag(text, payload.name, payload.fold)) {
             return removeTag(text, payload.name, payload.activation, sep, payload.fold);
         }
-        var added = tagText(payload.name, unet, te, payload.order);
+        var added = tagText(payload.name, unet, te, payload.order, payload.lbw, payload.schedule);
         if (payload.activation) added += " " + payload.activation;
         return addText(text, added, sep);
     }

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from .errors import AdapterError
 from .schedules import Strength, Window, first, is_scheduled, number, parse_strength
+from .tags import scan, split_args
 
 ORDERS = ("unet,te", "te,unet")
 NAMED = ("unet", "te", "hr", "hrunet", "hrte", "lbw", "x", "start", "stop", "step", "dyn", "lbwe")
@@ -55,16 +56,14 @@ def tag_options(items: list[str], order: str = "unet,te", default: float = 1.0, 
     positional: list[Strength] = []
     named: dict[str, str] = {}
     notices: list[str] = []
-    for item in items:
-        item = item.strip()
-        if "=" in item:
-            key, value = (s.strip() for s in item.split("=", 1))
-            if key not in NAMED:
-                raise AdapterError(None, f"malformed tag {tag}: unknown argument {key!r} (use unet=, te=, hr=, "
-                                         f"hrunet=, hrte=, lbw=, x=, start=, stop= or step=)")
-            named[key] = value
-        elif item:
-            positional.append(parse_strength(item, tag))
+    for arg in split_args(":" + ":".join(items))[1]:
+        if arg.key is None:
+            positional.append(parse_strength(arg.value, tag))
+        elif arg.key in NAMED:
+            named[arg.key] = arg.value
+        else:
+            raise AdapterError(None, f"malformed tag {tag}: unknown argument {arg.key!r} (use unet=, te=, hr=, "
+                                     f"hrunet=, hrte=, lbw=, x=, start=, stop= or step=)")
     if len(positional) > 2:
         raise AdapterError(None, f"malformed tag {tag}: at most two strengths (unet, te), got {len(positional)}")
     if "lbwe" in named:
@@ -131,13 +130,13 @@ def prompt_adapters(prompt: str, find, order: str = "unet,te", default: float = 
     """(prompt without its tags, the adapters it names in prompt order): names resolved by `find`; the same file
     with the same block weights is one adapter with its strengths summed. `schedules`: where a schedule has no
     meaning (e.g. "merge"), refused there with a message naming the tag."""
-    from .tags import TAG
-
     found: dict[tuple, PromptAdapter] = {}
-    for m in TAG.finditer(prompt):
-        body = m.group(2)
-        tag = f"<lora:{body}>"
-        name, *items = body.split(":")
+    kept, pos = [], 0
+    for span in scan(prompt):
+        kept.append(prompt[pos:span.start])
+        pos = span.end
+        tag = f"<lora:{span.body}>"
+        name, *items = span.body.split(":")
         if not name.strip():
             raise AdapterError(None, f"malformed tag {tag}: no adapter name")
         options = tag_options(items, order, default, tag)
@@ -151,4 +150,4 @@ def prompt_adapters(prompt: str, find, order: str = "unet,te", default: float = 
             found[key].te += options.te
         else:
             found[key] = PromptAdapter(path, options.unet, options.te, options.lbw, options.x, tag)
-    return TAG.sub("", prompt).strip(), list(found.values())
+    return ("".join(kept) + prompt[pos:]).strip(), list(found.values())

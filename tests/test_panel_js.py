@@ -21,7 +21,7 @@ RUNNER = """
 const api = require(process.argv[1]);
 const cases = JSON.parse(require('fs').readFileSync(0, 'utf8'));
 const out = cases.map(c => {
-  if (c.op === 'tag') return api.tagText(c.name, c.unet, c.te, c.order);
+  if (c.op === 'tag') return api.tagText(c.name, c.unet, c.te, c.order, c.lbw, c.schedule);
   if (c.op === 'parse') return api.findTags(c.text, c.order, 1).map(t => [t.name, t.unet, t.te]);
   if (c.op === 'toggle') return api.toggle(c.text, c.payload, c.unet, c.te, c.sep);
   if (c.op === 'set') return api.setStrengths(c.text, c.name, c.unet, c.te, c.order, c.fold);
@@ -47,8 +47,18 @@ STRENGTHS = [(1.0, 1.0), (0.8, 0.5), (-0.25, 0.0), (1.23456, 0.1), (0.0, 2.0)]
 
 
 def test_inserted_tag_matches_the_python_writer():
-    cases = [dict(op="tag", name="my lora", unet=u, te=t, order=o) for u, t in STRENGTHS for o in tags.ORDERS]
-    assert run_js(cases) == [cards.tag_text(c["name"], c["unet"], c["te"], c["order"]) for c in cases]
+    cases = [dict(op="tag", name="my lora", unet=u, te=t, order=o, lbw=lbw, schedule=sched)
+             for u, t in STRENGTHS for o in tags.ORDERS for lbw, sched in (("", ""), ("OUTD", "0@0,1@0.5"))]
+    assert run_js(cases) == [cards.tag_text(c["name"], c["unet"], c["te"], c["order"], c["lbw"], c["schedule"])
+                             for c in cases]
+
+
+def test_a_click_inserts_the_cards_schedule_and_block_weights():
+    payload = {"name": "n", "order": "unet,te", "activation": "", "lbw": "OUTD", "schedule": "0@0,1@0.5"}
+    [added] = run_js([dict(op="toggle", text="a cat", payload=payload, unet=0.8, te=0.8, sep=" ")])
+    assert added == "a cat <lora:n:0.8:unet=0@0,1@0.5:lbw=OUTD>"
+    [removed] = run_js([dict(op="toggle", text=added, payload=payload, unet=0.8, te=0.8, sep=" ")])
+    assert removed == "a cat"
 
 
 PROMPTS = [

@@ -284,3 +284,16 @@ def test_forge_quantized_unet_takes_a_schedule_on_the_forward_path_bytes_untouch
     assert checked == [0, 1, 2]
     after = stored_bytes(engine)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_infotext_records_a_two_part_schedule_and_pasting_keeps_its_meaning(host):
+    from lib_adapters.hosts import infotext
+
+    model = host.use(A1111Model("sd1", seed=1))
+    lora(host, model, "a", seed=2)
+    prompt = "x <lora:a:0@0,1@1:0.5:lbw=ALL>"
+    res, _, _ = host.generate(prompt)
+    assert prompt in res.infotexts[0] and 'Adapter strength order: "unet,te"' in res.infotexts[0]
+    params = {"Prompt": prompt, infotext.ORDER_KEY: "unet,te"}
+    infotext.restore_prompt(params, "te,unet", {})
+    assert params["Prompt"] == "x <lora:a:0.5:0@0,1@1:lbw=ALL>"  # read te,unet: the schedule is still the UNet's
