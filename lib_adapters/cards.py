@@ -134,6 +134,7 @@ def _detect_module(params: dict[str, torch.Tensor]) -> tuple | None:
 # Module signature (its params' names, shapes, dtypes) → what _detect_module says: the files of one trainer and rank
 # repeat the same few signatures, so each is detected once per process.
 _MODULES: dict[tuple, tuple | None] = {}
+_UNSEEN = object()
 
 
 def _modules(header: Header) -> dict[str, dict]:
@@ -151,9 +152,9 @@ def _classify_table(header: Header) -> tuple[dict[str, int], Counter, bool, dict
     error = ""
     for module, params in _modules(header).items():
         signature = tuple(sorted((p, tuple(e.shape), e.dtype) for p, e in params.items()))
-        if signature not in _MODULES:
-            _MODULES[signature] = _detect_module(meta_params(Header("", {}, params, 0, 0)))
-        found = _MODULES[signature]
+        found = _MODULES.get(signature, _UNSEEN)  # one lookup: another thread may clear the cache in between
+        if found is _UNSEEN:
+            found = _MODULES[signature] = _detect_module(meta_params(Header("", {}, params, 0, 0)))
         if found is None:
             continue
         if found[0] == "incomplete":
@@ -318,8 +319,9 @@ def read_card(path: str | os.PathLike, listing: set[str] | None = None) -> CardI
         return card
     try:
         split = _split_header(path, st.st_size)
-        if split is not None and split[0] in _TABLES:  # a table read and checked before: only the metadata is new
-            known, table = _TABLES[split[0]]
+        seen = _TABLES.get(split[0]) if split is not None else None
+        if seen is not None:  # a table read and checked before: only the metadata is new
+            known, table = seen
             header = Header(path, split[1], known.entries, known.data_start, known.file_size, st.st_mtime)
         else:
             header = read_header(path)
@@ -343,9 +345,9 @@ def _card_of(header: Header, path: str, st: os.stat_result, listing: set[str] | 
     family = "unknown"
     if in_dims:
         key = (table_key or path, tuple(header.metadata.get(k) for k in FAMILY_HINTS))
-        if key not in _FAMILIES:
-            _FAMILIES[key] = detect_family(in_dims, header.metadata)
-        family = _FAMILIES[key]
+        family = _FAMILIES.get(key)
+        if family is None:
+            family = _FAMILIES[key] = detect_family(in_dims, header.metadata)
     rank = ranks.most_common(1)[0][0] if ranks else None
     return CardInfo(
         path=path, size=st.st_size, mtime=st.st_mtime,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 from ..errors import AdapterError
@@ -48,17 +49,26 @@ class Library:
 
     def __init__(self, dirs=None):
         self._dirs = dirs
-        self.index: AdapterIndex | None = None
+        self.index: AdapterIndex | None = None  # replaced whole by refresh: readers keep the one they took
         self.meta: dict[str, tuple[tuple, dict]] = {}
+        self.refreshing = threading.Lock()
 
     def dirs(self) -> list[str]:
         return list(self._dirs) if self._dirs is not None else adapter_dirs()
 
     def refresh(self) -> None:
-        index = AdapterIndex(self.dirs())
-        for alias, path in usable_aliases(index.paths, lambda p: self.metadata(str(p))).items():
-            index.add_alias(alias, path)
-        self.index = index
+        with self.refreshing:  # one scan at a time; lookups meanwhile use the previous index
+            index = AdapterIndex(self.dirs())
+            for alias, path in usable_aliases(index.paths, lambda p: self.metadata(str(p))).items():
+                index.add_alias(alias, path)
+            self.index = index
+
+    def current(self) -> AdapterIndex:
+        index = self.index
+        if index is None:
+            self.refresh()
+            index = self.index
+        return index
 
     def metadata(self, path: str) -> dict:
         """Header metadata, cached by mtime and size."""
@@ -76,19 +86,20 @@ class Library:
 
     def alias(self, path: str) -> str:
         """The name the builtin would show: the metadata alias when it is usable, else the stem."""
-        alias = self.index.alias_of(path) if self.index is not None else None
+        index = self.index
+        alias = index.alias_of(path) if index is not None else None
         return alias or os.path.splitext(os.path.basename(path))[0]
 
     def find(self, name: str) -> str:
-        if self.index is None:
-            self.refresh()
         try:
-            return self.index.find(name)
+            return self.current().find(name)
         except AdapterError:
             self.refresh()
-            return self.index.find(name)
+            return self.current().find(name)
 
     def paths(self) -> list[str]:
-        if self.index is None:
-            self.refresh()
-        return [str(p) for p in self.index.paths]
+        return [str(p) for p in self.current().paths]
+
+    def metadata_items(self) -> list[tuple[str, dict]]:
+        """(path, metadata) of every file read so far (a copy: safe while other threads read more)."""
+        return [(path, meta) for path, (_, meta) in list(self.meta.items())]

@@ -44,7 +44,7 @@ class Hashes:
     """Short hashes of adapter files, computed once per (mtime, size)."""
 
     def __init__(self):
-        self.entries: dict[str, tuple[tuple, str]] = {}
+        self.entries: dict[str, tuple[tuple, str]] = {}  # single reads and writes only: safe across threads
 
     def of(self, path: str, metadata: dict) -> str:
         st = os.stat(path)
@@ -59,9 +59,9 @@ class Hashes:
     def known(self, library) -> dict[str, str]:
         """short hash → local name, for hashes already computed or stored in metadata."""
         out = {}
-        for path, (_, value) in self.entries.items():
+        for path, (_, value) in list(self.entries.items()):
             out[value.lower()] = library.alias(path)
-        for path, (_, meta) in library.meta.items():
+        for path, meta in library.metadata_items():
             if meta.get("sshs_model_hash"):
                 out[meta["sshs_model_hash"][:12].lower()] = library.alias(path)
         return out

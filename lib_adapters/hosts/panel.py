@@ -10,6 +10,7 @@ import html
 import json
 import os
 import re
+import threading
 from pathlib import Path
 
 from .. import cards, tags
@@ -211,6 +212,7 @@ def make_page_class():
             self.paths: dict[str, str] = {}
             self.cards: dict[str, cards.CardInfo] = {}
             self.tag_names: dict[str, tuple[str, bool, str]] = {}  # card name → (tag name, fold, untaggable)
+            self.scanning = threading.Lock()
             self.errors: list[str] = []
 
         def refresh(self):
@@ -221,16 +223,22 @@ def make_page_class():
             return [os.path.abspath(d) for d in self.dirs_fn() if d]
 
         def scan(self) -> None:
-            """List the files and read every header (cached by mtime); remember unreadable files."""
+            """List the files and read every header (cached by mtime); remember unreadable files. One scan at a
+            time: the host calls pages from several threads (UI and API)."""
+            with self.scanning:
+                self._scan()
+
+        def _scan(self) -> None:
             roots = self.roots()
             listed = cards.list_cards(roots)
             self.errors = [str(e) for e in listed if not isinstance(e, cards.CardInfo)]
             good = [c if isinstance(c, cards.CardInfo) else cards.error_card(c) for c in listed]  # a card each
             by_path = {c.path: c for c in good}
             names = card_names(list(by_path), roots, lambda p: by_path[str(p)].metadata if str(p) in by_path else {})
-            self.paths = {names[p][0]: p for p in by_path}
+            paths = {names[p][0]: p for p in by_path}
             self.tag_names = {names[p][0]: names[p][1:] for p in by_path}
-            self.cards = {name: by_path[p] for name, p in self.paths.items()}
+            self.cards = {name: by_path[p] for name, p in paths.items()}
+            self.paths = paths
 
         def list_items(self):
             self.scan()

@@ -9,6 +9,7 @@ the image is made without it. How weights reach the model differs per host: `a11
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 from ..adapter import Adapter
@@ -64,6 +65,7 @@ class Runtime:
         self.last_plan_size = 0
         self.last_line = ""
         self.presets = PresetCache()
+        self.lock = threading.RLock()
         self.stepping: steps.Stepping | None = None
 
     # backend ------------------------------------------------------------------------------------------------
@@ -143,6 +145,10 @@ class Runtime:
         return plan
 
     def activate(self, p, params_list) -> None:
+        with self.lock:  # the host runs one generation at a time; API threads never apply
+            self._activate(p, params_list)
+
+    def _activate(self, p, params_list) -> None:
         backend = self.get_backend()
         order = tag_order()
         req = self.request(params_list, order, bool(getattr(p, "is_hr_pass", False)))
@@ -208,8 +214,9 @@ class Runtime:
 
     # lifecycle --------------------------------------------------------------------------------------------------
     def on_model_loaded(self, sd_model) -> None:
-        if self.backend is not None:
-            self.backend.forget(sd_model)
+        with self.lock:
+            if self.backend is not None:
+                self.backend.forget(sd_model)
 
     def refresh(self) -> None:
         self.library.refresh()
