@@ -24,6 +24,14 @@ O, I, R = 48, 256, 4
 G = torch.Generator().manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def forge_modules_importable():
+    """The fake Forge's layers import `backend.*` lazily: keep it importable even when a test before this module
+    installed the A1111 fake host (which takes the Forge fakes off sys.path)."""
+    if FORGE not in sys.path:
+        sys.path.insert(0, FORGE)
+
+
 def rnd(*shape, std=1.0):
     return torch.randn(*shape, generator=G) * std
 
