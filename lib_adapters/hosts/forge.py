@@ -292,7 +292,7 @@ class ForgeBackend:
             return {}
         state = self.state_for(engine)
         try:
-            return self._apply(p, engine, state, plan, scheduled)
+            return self._apply(p, engine, state, plan, forward, held)
         except BaseException:  # KeyboardInterrupt and out-of-memory too: the engine's own patchers, nothing else
             for fe in state.forward.values():
                 fe.restore()
@@ -304,7 +304,7 @@ class ForgeBackend:
             clear_cond_cache(p)
             raise
 
-    def _apply(self, p, engine, state: EngineState, plan: Plan, scheduled) -> dict:
+    def _apply(self, p, engine, state: EngineState, plan: Plan, forward: Plan | None, held) -> dict:
         if state.own is not None:
             state.own.restore()  # before Forge merges (and backs up) anything of the next generation
         plan = {w: ops for w, ops in plan.items() if w not in self.own_weights(state, held)}
