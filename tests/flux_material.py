@@ -93,10 +93,11 @@ def fused_groups(double: int = CONFIG["num_layers"], single: int = CONFIG["num_s
         yield f"single_blocks.{n}.linear1", tuple(f"single_transformer_blocks.{n}.{p}" for p in LINEAR1)
 
 
-def to_bfl(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def to_bfl(state: dict[str, torch.Tensor], double: int = CONFIG["num_layers"],
+           single: int = CONFIG["num_single_layers"]) -> dict[str, torch.Tensor]:
     """A diffusers Flux transformer state dict in BFL names (what Forge and ComfyUI hold)."""
     out = {}
-    for bfl, dif in module_pairs():
+    for bfl, dif in module_pairs(double, single):
         if f"{dif}.weight" not in state:
             continue
         if bfl.endswith("_norm"):
@@ -105,7 +106,7 @@ def to_bfl(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for p in ("weight", "bias"):
             if f"{dif}.{p}" in state:
                 out[f"{bfl}.{p}"] = state[f"{dif}.{p}"]
-    for bfl, parts in fused_groups():
+    for bfl, parts in fused_groups(double, single):
         for p in ("weight", "bias"):
             out[f"{bfl}.{p}"] = torch.cat([state[f"{part}.{p}"] for part in parts])
     for p in ("weight", "bias"):
@@ -155,15 +156,16 @@ def checkpoint(model=None, root: str = "model.diffusion_model.", encoders: bool 
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def bfl_of(diffusers_module: str) -> tuple[str, tuple[int, int] | None, bool]:
+def bfl_of(diffusers_module: str, h: int = H, m: int = M, double: int = CONFIG["num_layers"],
+           single: int = CONFIG["num_single_layers"]) -> tuple[str, tuple[int, int] | None, bool]:
     """(BFL module, row block or None, swapped) holding a diffusers module, by the documented mapping."""
-    for bfl, dif in module_pairs():
+    for bfl, dif in module_pairs(double, single):
         if dif == diffusers_module:
             return bfl, None, False
-    for bfl, parts in fused_groups():
+    for bfl, parts in fused_groups(double, single):
         if diffusers_module in parts:
             j = parts.index(diffusers_module)
-            return bfl, (j * H, j * H + (M if j == 3 else H)), False
+            return bfl, (j * h, j * h + (m if j == 3 else h)), False
     if diffusers_module == "norm_out.linear":
         return "final_layer.adaLN_modulation.1", None, True
     raise KeyError(diffusers_module)
