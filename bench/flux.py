@@ -148,10 +148,13 @@ class RebuildAll(Ours):
     """Forge's LoraLoader policy: on any change, every patched weight back from its backup and merged again."""
 
     def __init__(self, tensors):
+        from lib_adapters.algorithms.into import Workspace
+
         super().__init__(tensors)
         self.tensors = tensors
         self.backup: dict[str, torch.Tensor] = {}
         self.last = None
+        self.workspace = Workspace()  # the same reused buffers as Patcher's: only the policy differs
 
     def goto(self, state):
         from lib_adapters.patching import compute
@@ -165,7 +168,7 @@ class RebuildAll(Ours):
         written = len(self.backup)
         for name, ops in plan.items():
             self.backup.setdefault(name, self.tensors[name].clone())
-            w, _ = compute(ops, self.backup[name], None)
+            w, _ = compute(ops, self.backup[name], None, workspace=self.workspace)
             self.tensors[name].copy_(w)
             written += 1
         self.backup = {k: v for k, v in self.backup.items() if k in plan}
